@@ -1,0 +1,1 @@
+"""GLM-Image (diffusers GlmImagePipeline) as stages: AR, before denoising, denoising, decode."""

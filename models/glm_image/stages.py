@@ -1,0 +1,4 @@
+from ...parallel import Loader
+
+STAGES = []
+LOADER = Loader("glm_image", lambda ctx, **args: None)

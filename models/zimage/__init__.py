@@ -1,0 +1,1 @@
+"""Z-Image (diffusers ZImagePipeline) as stages: text encoding, denoising, decode."""

@@ -1,0 +1,104 @@
+"""The one place that calls torch.distributed: a rank's process groups and the collectives built on them.
+
+Ranks are numbered cfg-major: rank = cfg_index * (ring * ulysses) + ring_index * ulysses + ulysses_index, so a
+Ulysses group is a run of neighbouring ranks (neighbouring GPUs talk fastest). A single-process Comm has every
+degree 1 and every collective is the identity, so stages run unchanged without a process group.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .layout import Layout
+
+
+class Comm:
+    def __init__(self, layout: Layout, rank: int, device: torch.device, distributed: bool):
+        self.layout = layout
+        self.rank = rank
+        self.device = device
+        self.distributed = distributed
+        sp = layout.sp
+        self.cfg_rank, sp_index = divmod(rank, sp)
+        self.ring_rank, self.ulysses_rank = divmod(sp_index, layout.ulysses)
+        self.sp_rank = sp_index
+        self._groups: dict[str, Any] = {}
+        self._object_group = None
+        if distributed:
+            self._make_groups()
+
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "Comm":
+        return cls(Layout(), 0, torch.device(device), distributed=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def group_size(self, name: str) -> int:
+        return {"cfg": self.layout.cfg, "ulysses": self.layout.ulysses, "ring": self.layout.ring,
+                "sp": self.layout.sp, "world": self.layout.world_size}[name]
+
+    def _make_groups(self) -> None:
+        lay = self.layout
+        ranks = range(lay.world_size)
+        members = {
+            "ulysses": lambda r: (r // lay.ulysses, None),
+            "ring": lambda r: (r // lay.sp, r % lay.ulysses),
+            "sp": lambda r: (r // lay.sp, None),
+            "cfg": lambda r: (r % lay.sp, None),
+        }
+        # Every rank must create every group, in the same order, even the ones it is not in.
+        for name, key in members.items():
+            buckets: dict[Any, list[int]] = {}
+            for r in ranks:
+                buckets.setdefault(key(r), []).append(r)
+            for group_ranks in buckets.values():
+                group = dist.new_group(group_ranks)
+                if self.rank in group_ranks:
+                    self._groups[name] = (group, group_ranks)
+        self._groups["world"] = (None, list(ranks))
+        # Python objects travel over gloo even when tensors go over NCCL.
+        self._object_group = dist.new_group(list(ranks), backend="gloo") if dist.get_backend() != "gloo" else None
+
+    # -- objects (CPU, world): requests, AR results, cancel decisions ------------------------------------------
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        if not self.distributed or self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=self._object_group)
+        return box[0]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        if not self.distributed or self.world_size == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=self._object_group)
+        return out
+
+    # -- tensors (device) ----------------------------------------------------------------------------------
+    def all_gather(self, tensor: torch.Tensor, group: str, dim: int = 0) -> torch.Tensor:
+        """Concatenate every member's equally-shaped tensor along `dim`, in group-rank order."""
+        if self.group_size(group) == 1:
+            return tensor
+        pg, group_ranks = self._groups[group]
+        tensor = tensor.contiguous()  # empty_like keeps a permuted layout, which collectives would scramble
+        parts = [torch.empty_like(tensor) for _ in group_ranks]
+        dist.all_gather(parts, tensor, group=pg)
+        return torch.cat(parts, dim=dim)
+
+    def all_to_all(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
+        """Dimension 0 holds one equal chunk per group member; member i receives everyone's chunk i."""
+        if self.group_size(group) == 1:
+            return tensor
+        pg, _ = self._groups[group]
+        tensor = tensor.contiguous()  # empty_like keeps a permuted layout, which collectives would scramble
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor, group=pg)
+        return out

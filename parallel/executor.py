@@ -1,0 +1,27 @@
+"""Runs one stage on this rank the way the stage declares: the single place where parallelism types mean something."""
+from __future__ import annotations
+
+from typing import Any
+
+from .stage import Parallelism, Stage, StageContext
+
+
+class MainRankError(Exception):
+    """A main-rank-only stage failed on rank 0; every rank raises it, so the group stays in step and alive."""
+
+
+def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
+    if Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS in stage.parallelism:
+        outcome: tuple[str, Any] = ("ok", None)
+        if ctx.is_main:
+            try:
+                outcome = ("ok", stage.fn(ctx, model, **inputs))
+            except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, whatever it is
+                outcome = ("error", f"{type(exc).__name__}: {exc}")
+        status, value = ctx.comm.broadcast_object(outcome)
+        if status == "error":
+            raise MainRankError(f"stage {stage.name} failed on rank 0: {value}")
+        return value
+    # REPLICATED, SEQUENCE_PARALLEL and CFG_PARALLEL all run on every rank; the sharding lives in the model's
+    # sequence-parallel plan and in parallel.cfg, which read ctx.comm.
+    return stage.fn(ctx, model, **inputs)

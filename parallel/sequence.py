@@ -1,0 +1,206 @@
+"""Sequence parallelism: split token sequences across the SP group for a run of blocks, and attend over the whole
+sequence with Ulysses all-to-all.
+
+A model plan (in models/) names the blocks and which of their arguments are token streams, key masks and rotary
+tables; `shard_blocks` installs hooks that split on entry to the first block and gather on exit from the last.
+Each stream is padded to a multiple of the SP degree and the padding is masked as keys, so every size and every
+SP degree gives the single-process result up to floating-point reordering. Attention does not care about key
+order, so the gathered sequence is rank-major (rank 0's streams, then rank 1's, ...) and is never reordered.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .comm import Comm
+
+
+@dataclass
+class Stream:
+    """One token stream of a sharded region: `full_len` real positions padded to sp * `local_len`."""
+    full_len: int
+    sp: int
+    local_len: int
+    valid: torch.Tensor | None  # (B, sp * local_len) bool; None when every position is a real token
+
+    @classmethod
+    def plan(cls, full_len: int, sp: int, valid: torch.Tensor | None, batch: int, device: torch.device) -> "Stream":
+        local_len = -(-full_len // sp)
+        pad = local_len * sp - full_len
+        if pad:
+            if valid is None:
+                valid = torch.ones(batch, full_len, dtype=torch.bool, device=device)
+            valid = F.pad(valid, (0, pad), value=False)
+        elif valid is not None:
+            valid = valid.bool()
+        return cls(full_len, sp, local_len, valid)
+
+    def split(self, x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
+        pad = self.local_len * self.sp - x.shape[dim]
+        if pad:
+            shape = list(x.shape)
+            shape[dim] = pad
+            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+        return x.narrow(dim, rank * self.local_len, self.local_len)
+
+    def gather(self, comm: Comm, local: torch.Tensor, dim: int) -> torch.Tensor:
+        return comm.all_gather(local, "sp", dim=dim).narrow(dim, 0, self.full_len)
+
+    def local_valid(self, rank: int, batch: int, device: torch.device) -> torch.Tensor:
+        if self.valid is None:
+            return torch.ones(batch, self.local_len, dtype=torch.bool, device=device)
+        return self.valid[:, rank * self.local_len:(rank + 1) * self.local_len]
+
+
+@dataclass
+class Region:
+    """The sharding in force while a run of blocks executes; attention reads its key mask."""
+    comm: Comm
+    streams: dict[str, Stream]
+    order: list[str]  # the order in which the attention processor concatenates the streams
+    batch: int
+    device: torch.device
+    rope: dict[str, Any] = field(default_factory=dict)  # local rotary tables, computed once per region
+    key_prefix: list[torch.Tensor] | None = None  # per SP rank: valid mask of keys prepended to the local ones
+
+    def key_valid(self) -> torch.Tensor | None:
+        """(B, gathered keys) validity in rank-major order, or None when no key is padding."""
+        if self.key_prefix is None and all(self.streams[n].valid is None for n in self.order):
+            return None
+        parts = []
+        for r in range(self.comm.layout.sp):
+            if self.key_prefix is not None:
+                parts.append(self.key_prefix[r])
+            parts += [self.streams[n].local_valid(r, self.batch, self.device) for n in self.order]
+        return torch.cat(parts, dim=1)
+
+
+_active: Region | None = None
+
+
+def active_region() -> Region | None:
+    return _active
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """How a block's forward arguments relate to the token sequence (names as in the block's signature)."""
+    streams: Sequence[str]  # token-stream arguments, in the order attention concatenates them; seq dim 1
+    outputs: Sequence[str]  # which stream each output is (a block returning one tensor has one name)
+    masks: dict[str, str] = field(default_factory=dict)  # key-mask argument (B, L) -> its stream
+    rope: dict[str, tuple[str, int]] = field(default_factory=dict)  # rotary argument -> (stream, its seq dim)
+
+
+def shard_blocks(blocks: Sequence[nn.Module], comm: Comm, spec: BlockSpec) -> list[Any]:
+    """Install the split/gather hooks on a run of blocks; returns the hook handles."""
+    if comm.layout.sp == 1:
+        return []
+    signature = inspect.signature(blocks[0].forward)
+
+    def bind(args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = signature.bind(*args, **kwargs)
+        return dict(bound.arguments)
+
+    def enter(module: nn.Module, args: tuple, kwargs: dict):
+        global _active
+        call = bind(args, kwargs)
+        first = call[spec.streams[0]]
+        batch, device = first.shape[0], first.device
+        sp, rank = comm.layout.sp, comm.sp_rank
+        masks = {stream: call.get(arg) for arg, stream in spec.masks.items()}
+        streams = {name: Stream.plan(call[name].shape[1], sp, masks.get(name), batch, device)
+                   for name in spec.streams}
+        region = Region(comm, streams, list(spec.streams), batch, device)
+        for name in spec.streams:
+            call[name] = streams[name].split(call[name], rank, dim=1)
+        for arg, (stream, dim) in spec.rope.items():
+            if call.get(arg) is not None:
+                region.rope[arg] = _map_tensors(call[arg], lambda t: streams[stream].split(t, rank, dim))
+        _active = region
+        return (), _local_args(call, region)
+
+    def inside(module: nn.Module, args: tuple, kwargs: dict):
+        return (), _local_args(bind(args, kwargs), _active)
+
+    def _local_args(call: dict[str, Any], region: Region) -> dict[str, Any]:
+        for arg in spec.masks:
+            if arg in call:
+                call[arg] = None  # padding and masks now live in region.key_valid()
+        for arg, local in region.rope.items():
+            call[arg] = local
+        return call
+
+    def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        global _active
+        region = _active
+        _active = None
+        outs = output if isinstance(output, tuple) else (output,)
+        gathered = tuple(region.streams[name].gather(comm, out, dim=1) for name, out in zip(spec.outputs, outs))
+        return gathered if isinstance(output, tuple) else gathered[0]
+
+    handles = [blocks[0].register_forward_pre_hook(enter, with_kwargs=True)]
+    handles += [b.register_forward_pre_hook(inside, with_kwargs=True) for b in blocks[1:]]
+    handles.append(blocks[-1].register_forward_hook(leave, with_kwargs=True))
+    return handles
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    return type(value)(_map_tensors(v, fn) for v in value)
+
+
+def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Wrap a model module's `dispatch_attention_fn`: inside a sharded region attention runs as Ulysses over the
+    whole sequence; outside one (and on a single rank) it is the original function, untouched."""
+
+    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        region = _active
+        if region is None:
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, **kwargs)
+        if attn_mask is not None or is_causal or dropout_p:
+            raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
+        return ulysses_attention(region.comm, query, key, value, region.key_valid(), scale)
+
+    return attention
+
+
+def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_valid: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+    """q (B, Sq_local, H, D), k/v (B, Sk_local, H, D) -> (B, Sq_local, H, D) attending over every rank's keys.
+
+    Heads are padded to a multiple of the Ulysses degree (Z-Image's 30 heads on 4 or 8 ranks); padded heads are
+    zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads."""
+    p = comm.layout.ulysses
+    heads = q.shape[2]
+    pad = (-heads) % p
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    q, k, v = (_seq_to_heads(comm, t, p) for t in (q, k, v))
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale).transpose(1, 2)
+    out = _heads_to_seq(comm, out, p)
+    return out[:, :, :heads] if pad else out
+
+
+def _seq_to_heads(comm: Comm, x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, S_local, H, D) -> (B, p * S_local, H / p, D): gather the sequence, keep this rank's slice of heads."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4)
+    x = comm.all_to_all(x, "ulysses")  # dim 0 is now the source rank, i.e. the sequence chunk
+    return x.permute(1, 0, 2, 3, 4).reshape(b, p * s, h // p, d)
+
+
+def _heads_to_seq(comm: Comm, x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, p * S_local, H / p, D) -> (B, S_local, H, D): the inverse of _seq_to_heads."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, p, s // p, h, d).permute(1, 0, 2, 3, 4)
+    x = comm.all_to_all(x, "ulysses")  # dim 0 is now the source rank, i.e. the head group
+    return x.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h, d)

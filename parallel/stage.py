@@ -1,0 +1,67 @@
+"""A stage is one named step of a pipeline that declares how it runs across ranks (after sglang's
+StageParallelismType); the executor applies that declaration, so a stage never calls torch.distributed itself."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .comm import Comm
+
+
+class Parallelism(enum.Flag):
+    REPLICATED = enum.auto()  # every rank runs it (cheap, deterministic work)
+    MAIN_RANK_ONLY_AND_SEND_TO_OTHERS = enum.auto()  # rank 0 runs it; its result is broadcast to every rank
+    SEQUENCE_PARALLEL = enum.auto()  # every rank runs it on its shard of the token sequence
+    CFG_PARALLEL = enum.auto()  # guidance branches run on different rank groups, combined once per step
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    parallelism: Parallelism
+    fn: Callable[..., Any]  # fn(ctx, model, **inputs) -> result (plain CPU values when it is the last stage run)
+
+
+@dataclass(frozen=True)
+class Loader:
+    """Builds a resident model on one rank: fn(ctx, **args) -> model object kept by key between requests."""
+    name: str
+    fn: Callable[..., Any]
+
+
+class Cancelled(Exception):
+    """Raised on every rank at the same step boundary when the host asked to stop."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"cancelled at step {step}/{total}")
+        self.step, self.total = step, total
+
+
+@dataclass
+class StageContext:
+    comm: Comm
+    dtype: torch.dtype = torch.float32
+    report: Callable[[str, int, int], None] = lambda what, done, total: None  # rank 0 -> host
+    cancel_requested: Callable[[], bool] = lambda: False  # read on rank 0 only
+    state: dict[str, Any] = field(default_factory=dict)  # per-rank scratch that lives as long as the worker
+
+    @property
+    def device(self) -> torch.device:
+        return self.comm.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.comm.is_main
+
+    def step(self, done: int, total: int, what: str = "step") -> None:
+        """Call on every rank at each step boundary: reports progress, and stops every rank at the same step when
+        rank 0 has seen a cancel (a rank that stopped alone would leave the others waiting in a collective)."""
+        stop = False
+        if self.is_main:
+            self.report(what, done, total)
+            stop = self.cancel_requested()
+        if self.comm.broadcast_object(stop):
+            raise Cancelled(done, total)
