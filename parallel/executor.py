@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stage import Parallelism, Stage, StageContext
+from .stage import Cancelled, Parallelism, Stage, StageContext
 
 
 class MainRankError(Exception):
@@ -11,14 +11,27 @@ class MainRankError(Exception):
 
 
 def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
+    if Parallelism.MAIN_RANK_ONLY in stage.parallelism:
+        if not ctx.is_main:
+            return None
+        try:
+            return stage.fn(ctx, model, **inputs)
+        except Cancelled:
+            raise
+        except Exception as exc:  # no other rank waits on this one, so the group stays healthy
+            raise MainRankError(f"stage {stage.name} failed on rank 0: {type(exc).__name__}: {exc}") from exc
     if Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS in stage.parallelism:
         outcome: tuple[str, Any] = ("ok", None)
         if ctx.is_main:
             try:
                 outcome = ("ok", stage.fn(ctx, model, **inputs))
+            except Cancelled as stop:  # rank 0 alone checks cancel here: the others are waiting for its result
+                outcome = ("cancelled", (stop.step, stop.total))
             except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, whatever it is
                 outcome = ("error", f"{type(exc).__name__}: {exc}")
         status, value = ctx.comm.broadcast_object(outcome)
+        if status == "cancelled":
+            raise Cancelled(*value)
         if status == "error":
             raise MainRankError(f"stage {stage.name} failed on rank 0: {value}")
         return value

@@ -97,18 +97,18 @@ class BlockSpec:
 
 
 def shard_blocks(blocks: Sequence[nn.Module], comm: Comm, spec: BlockSpec) -> list[Any]:
-    """Install the split/gather hooks on a run of blocks; returns the hook handles."""
+    """Install the split/gather hooks on a run of blocks; returns the hook handles. The last module may be a
+    different one (e.g. a final projection), so the gather moves its smaller output instead of the hidden state."""
     if comm.layout.sp == 1:
         return []
-    signature = inspect.signature(blocks[0].forward)
+    signatures = {id(b): inspect.signature(b.forward) for b in blocks}
 
-    def bind(args: tuple, kwargs: dict) -> dict[str, Any]:
-        bound = signature.bind(*args, **kwargs)
-        return dict(bound.arguments)
+    def bind(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return dict(signatures[id(module)].bind(*args, **kwargs).arguments)
 
     def enter(module: nn.Module, args: tuple, kwargs: dict):
         global _active
-        call = bind(args, kwargs)
+        call = bind(module, args, kwargs)
         first = call[spec.streams[0]]
         batch, device = first.shape[0], first.device
         sp, rank = comm.layout.sp, comm.sp_rank
@@ -122,17 +122,19 @@ def shard_blocks(blocks: Sequence[nn.Module], comm: Comm, spec: BlockSpec) -> li
             if call.get(arg) is not None:
                 region.rope[arg] = _map_tensors(call[arg], lambda t: streams[stream].split(t, rank, dim))
         _active = region
-        return (), _local_args(call, region)
+        return (), _local_args(module, call, region)
 
     def inside(module: nn.Module, args: tuple, kwargs: dict):
-        return (), _local_args(bind(args, kwargs), _active)
+        return (), _local_args(module, bind(module, args, kwargs), _active)
 
-    def _local_args(call: dict[str, Any], region: Region) -> dict[str, Any]:
+    def _local_args(module: nn.Module, call: dict[str, Any], region: Region) -> dict[str, Any]:
+        accepted = signatures[id(module)].parameters
         for arg in spec.masks:
             if arg in call:
                 call[arg] = None  # padding and masks now live in region.key_valid()
         for arg, local in region.rope.items():
-            call[arg] = local
+            if arg in accepted:
+                call[arg] = local
         return call
 
     def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any):
@@ -157,7 +159,9 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """Wrap a model module's `dispatch_attention_fn`: inside a sharded region attention runs as Ulysses over the
-    whole sequence; outside one (and on a single rank) it is the original function, untouched."""
+    whole sequence; outside one (and on a single rank) it is the original function, untouched. Idempotent."""
+    if getattr(original, "sequence_parallel", False):
+        return original
 
     def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
         region = _active
@@ -168,6 +172,7 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
             raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
         return ulysses_attention(region.comm, query, key, value, region.key_valid(), scale)
 
+    attention.sequence_parallel = True
     return attention
 
 
@@ -182,7 +187,10 @@ def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pad = (-heads) % p
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    q, k, v = (_seq_to_heads(comm, t, p) for t in (q, k, v))
+    if q.shape == k.shape:  # one all-to-all carries q, k and v: fewer, larger messages
+        q, k, v = _seq_to_heads(comm, (q, k, v), p)
+    else:  # keys carry a prefix (a KV cache): lengths differ
+        (q,), (k, v) = _seq_to_heads(comm, (q,), p), _seq_to_heads(comm, (k, v), p)
     mask = None if key_valid is None else key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale).transpose(1, 2)
@@ -190,12 +198,14 @@ def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out[:, :, :heads] if pad else out
 
 
-def _seq_to_heads(comm: Comm, x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, S_local, H, D) -> (B, p * S_local, H / p, D): gather the sequence, keep this rank's slice of heads."""
-    b, s, h, d = x.shape
-    x = x.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4)
-    x = comm.all_to_all(x, "ulysses")  # dim 0 is now the source rank, i.e. the sequence chunk
-    return x.permute(1, 0, 2, 3, 4).reshape(b, p * s, h // p, d)
+def _seq_to_heads(comm: Comm, xs: tuple[torch.Tensor, ...], p: int) -> tuple[torch.Tensor, ...]:
+    """Each (B, S_local, H, D) -> (B, p * S_local, H / p, D): gather the sequence, keep this rank's head slice."""
+    b, s, h, d = xs[0].shape
+    send = xs[0].new_empty(p, len(xs), b, s, h // p, d)
+    for i, x in enumerate(xs):  # one copy per tensor straight into the send layout
+        send[:, i].copy_(x.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4))
+    recv = comm.all_to_all(send, "ulysses")  # dim 0 is now the source rank, i.e. the sequence chunk
+    return tuple(recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), b, p * s, h // p, d).unbind(0))
 
 
 def _heads_to_seq(comm: Comm, x: torch.Tensor, p: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from .comm import Comm
 
 class Parallelism(enum.Flag):
     REPLICATED = enum.auto()  # every rank runs it (cheap, deterministic work)
+    MAIN_RANK_ONLY = enum.auto()  # rank 0 runs it for the host; the other ranks skip it (e.g. VAE decode)
     MAIN_RANK_ONLY_AND_SEND_TO_OTHERS = enum.auto()  # rank 0 runs it; its result is broadcast to every rank
     SEQUENCE_PARALLEL = enum.auto()  # every rank runs it on its shard of the token sequence
     CFG_PARALLEL = enum.auto()  # guidance branches run on different rank groups, combined once per step

@@ -1,4 +1,153 @@
-from ...parallel import Loader
+"""Z-Image (diffusers ZImagePipeline) as stages: encode -> prepare -> denoise -> decode.
 
-STAGES = []
-LOADER = Loader("zimage", lambda ctx, **args: None)
+Each function mirrors one step of diffusers' pipeline so the single-process run equals it, and declares how it
+runs across ranks. Rank 0 alone holds the text encoder and the VAE; every rank holds the DiT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from diffusers.utils.torch_utils import randn_tensor
+
+from ...parallel import Loader, Parallelism, Stage, StageContext
+from ...parallel.cfg import run_branches
+from .. import loading
+from .plan import apply_sequence_parallel
+
+PIPELINE = "ZImagePipeline"
+VAE_SCALE = 8  # latent pixels per image pixel; the DiT patch (2) makes the size granule 16
+SIZE_MULTIPLE = 16
+MAX_SEQUENCE_LENGTH = 512
+
+
+@dataclass
+class ZImage:
+    transformer: ZImageTransformer2DModel
+    scheduler_config: dict
+    text_encoder: Any = None  # rank 0 only
+    tokenizer: Any = None  # rank 0 only
+    vae: AutoencoderKL | None = None  # rank 0 only
+
+
+def load(ctx: StageContext, path: str) -> ZImage:
+    loading.inspect_model_folder(path, PIPELINE)
+    dev, dtype = ctx.device, ctx.dtype
+    transformer = loading.load_component(path, "transformer", dtype, dev)
+    apply_sequence_parallel(transformer, ctx.comm)
+    model = ZImage(transformer, dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")))
+    if ctx.is_main:
+        model.text_encoder = loading.load_component(path, "text_encoder", dtype, dev)
+        model.tokenizer = loading.load_component(path, "tokenizer")
+        model.vae = loading.load_component(path, "vae", dtype, dev)
+    return model
+
+
+# -- stages ------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def encode(ctx: StageContext, model: ZImage, *, prompts: list[str], negative_prompts: list[str] | None = None
+           ) -> dict[str, list[torch.Tensor]]:
+    """Qwen3 hidden_states[-2] of the chat-templated prompt, padding dropped (one (L_i, D) tensor per prompt).
+    Negative prompts are encoded when given (guidance > 0 needs them; diffusers uses "" by default)."""
+    out = {"prompt_embeds": _encode_texts(model, prompts, ctx.device)}
+    out["negative_prompt_embeds"] = _encode_texts(model, negative_prompts, ctx.device) if negative_prompts else []
+    return out
+
+
+def _encode_texts(model: ZImage, texts: list[str], device: torch.device) -> list[torch.Tensor]:
+    templated = [
+        model.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                            add_generation_prompt=True, enable_thinking=True)
+        for t in texts
+    ]
+    tokens = model.tokenizer(templated, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
+                             return_tensors="pt")
+    mask = tokens.attention_mask.to(device).bool()
+    hidden = model.text_encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask,
+                                output_hidden_states=True).hidden_states[-2]
+    return [hidden[i][mask[i]].float().cpu() for i in range(len(texts))]
+
+
+def prepare(ctx: StageContext, model: ZImage, *, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Initial noise exactly as diffusers draws it from torch.Generator("cpu").manual_seed(seed)."""
+    check_size(height, width)
+    shape = (batch, model.transformer.in_channels, 2 * (height // (VAE_SCALE * 2)), 2 * (width // (VAE_SCALE * 2)))
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+
+
+@torch.no_grad()
+def denoise(ctx: StageContext, model: ZImage, *, latents: torch.Tensor, prompt_embeds: list[torch.Tensor],
+            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float) -> torch.Tensor:
+    """The flow-matching loop; sharded over the sequence by the plan, guidance branches split by cfg degree."""
+    use_cfg = guidance > 0
+    ctx.comm.layout.check_branches(2 if use_cfg else 1)
+    scheduler = _scheduler(model, latents, steps)
+    dev, dtype = ctx.device, model.transformer.dtype
+    cond = [e.to(dev, dtype) for e in prompt_embeds]
+    uncond = [e.to(dev, dtype) for e in negative_prompt_embeds]
+    latents = latents.to(dev)
+    timesteps = scheduler.timesteps
+    # Z-Image's time input, for every step at once: a host-to-device copy inside the loop would stall the GPU queue
+    model_times = ((1000 - timesteps) / 1000).to(dev)
+    for i, t in enumerate(timesteps):
+        timestep = model_times[i].expand(latents.shape[0])
+        x = latents.to(dtype)
+        if not use_cfg:
+            noise_pred = _predict(model, x, timestep, cond)
+        elif ctx.comm.layout.cfg == 1:  # one batched call, exactly as diffusers runs it
+            both = _predict(model, torch.cat([x, x]), torch.cat([timestep, timestep]), cond + uncond)
+            pos, neg = both.chunk(2)
+            noise_pred = pos + guidance * (pos - neg)
+        else:
+            pos, neg = run_branches(ctx.comm, [lambda: _predict(model, x, timestep, cond),
+                                               lambda: _predict(model, x, timestep, uncond)])
+            noise_pred = pos + guidance * (pos - neg)
+        latents = scheduler.step(-noise_pred, t, latents, return_dict=False)[0]
+        ctx.step(i + 1, len(timesteps))
+    return latents.cpu()
+
+
+def _scheduler(model: ZImage, latents: torch.Tensor, steps: int) -> FlowMatchEulerDiscreteScheduler:
+    """A fresh scheduler per request (its step index is state), with the resolution-dependent shift."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    cfg = scheduler.config
+    mu = calculate_shift((latents.shape[2] // 2) * (latents.shape[3] // 2), cfg.get("base_image_seq_len", 256),
+                         cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
+    scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), device="cpu", mu=mu)
+    scheduler.set_begin_index(0)
+    return scheduler
+
+
+def _predict(model: ZImage, x: torch.Tensor, timestep: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
+    out = model.transformer(list(x.unsqueeze(2).unbind(0)), timestep, embeds, return_dict=False)[0]
+    return torch.stack([o.float() for o in out]).squeeze(2)
+
+
+@torch.no_grad()
+def decode(ctx: StageContext, model: ZImage, *, latents: torch.Tensor) -> torch.Tensor:
+    """VAE decode -> (B, H, W, 3) float in [0, 1] on the CPU (ComfyUI's IMAGE layout)."""
+    vae = model.vae
+    z = latents.to(ctx.device, vae.dtype) / vae.config.scaling_factor + vae.config.shift_factor
+    image = vae.decode(z, return_dict=False)[0]
+    return (image.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+
+
+def check_size(height: int, width: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            lo = max(SIZE_MULTIPLE, value - value % SIZE_MULTIPLE)
+            raise ValueError(f"Z-Image {name} must be a multiple of {SIZE_MULTIPLE}, got {value}; "
+                             f"use {lo} or {lo + SIZE_MULTIPLE}")
+
+
+LOADER = Loader("zimage", load)
+STAGES = [
+    Stage("zimage.encode", Parallelism.MAIN_RANK_ONLY, encode),
+    Stage("zimage.prepare", Parallelism.REPLICATED, prepare),
+    Stage("zimage.denoise", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, denoise),
+    Stage("zimage.decode", Parallelism.MAIN_RANK_ONLY, decode),
+]

@@ -1,0 +1,88 @@
+"""A plugin for the worker-group tests: tiny stages for each parallelism type and each way a request can end.
+Workers import it by name through WorkerGroup(extra_sys_path=[tests/])."""
+import os
+import signal
+import time
+
+import torch
+
+from comfyui_parallel_diffusion.parallel import Loader, Parallelism, Stage
+
+REPLICATED = Parallelism.REPLICATED
+MAIN_ONLY = Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS
+
+
+def _count(ctx, name: str) -> None:
+    ctx.state[name] = ctx.state.get(name, 0) + 1
+
+
+def sample(ctx, model, n: int):
+    """Random numbers from a fresh OS seed: without the broadcast every rank would hold different ones."""
+    _count(ctx, "sample_runs")
+    torch.seed()
+    return torch.randn(n)
+
+
+def state(ctx, model):
+    return {"rank": ctx.comm.rank, "pid": os.getpid(), **ctx.state}
+
+
+def loop(ctx, model, steps: int, sleep: float):
+    for i in range(steps):
+        ctx.state["loop_at"] = i + 1  # survives a cancel: a later `state` request shows where each rank stopped
+        ctx.step(i + 1, steps)
+        time.sleep(sleep)
+    return steps
+
+
+def fail_on(ctx, model, rank: int):
+    if ctx.comm.rank == rank:
+        raise ValueError(f"boom on rank {rank}")
+    return "ok"
+
+
+def gather_ranks(ctx, model):
+    """A tensor collective on the group's device (NCCL on GPUs), as sequence-parallel attention makes."""
+    mine = torch.full((1,), float(ctx.comm.rank), device=ctx.device)
+    return ctx.comm.all_gather(mine, "world").cpu()
+
+
+def die_on(ctx, model, rank: int, step: int):
+    """Rank `rank` is killed at `step` while the others go on into a tensor collective."""
+    for i in range(step + 2):
+        if i == step and ctx.comm.rank == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+        gather_ranks(ctx, model)
+        ctx.step(i + 1, step + 2)
+    return "survived"
+
+
+def fail_main(ctx, model):
+    raise RuntimeError("main rank says no")
+
+
+def use_model(ctx, model):
+    return model
+
+
+def empty(ctx, model):
+    return None
+
+
+def load_counter(ctx, value: int):
+    _count(ctx, "loads")
+    return {"value": value, "rank": ctx.comm.rank}
+
+
+STAGES = {stage.name: stage for stage in (
+    Stage("sample", MAIN_ONLY, sample),
+    Stage("fail_main", MAIN_ONLY, fail_main),
+    Stage("state", REPLICATED, state),
+    Stage("loop", REPLICATED, loop),
+    Stage("fail_on", REPLICATED, fail_on),
+    Stage("die_on", REPLICATED, die_on),
+    Stage("gather_ranks", REPLICATED, gather_ranks),
+    Stage("use_model", REPLICATED, use_model),
+    Stage("empty", REPLICATED, empty),
+)}
+LOADERS = {"counter": Loader("counter", load_counter)}
