@@ -1,4 +1,428 @@
-from ...parallel import Loader
+"""GLM-Image (diffusers GlmImagePipeline) as stages: ar -> prepare -> denoise -> decode.
 
-STAGES = []
-LOADER = Loader("glm_image", lambda ctx, **args: None)
+Each function mirrors one part of diffusers' GlmImagePipeline.__call__ so the single-process run equals it (the
+reference tests hold it to that), and declares how it runs across ranks:
+
+- glm_image.ar       MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  rank 0 alone holds the ~10 B AR model and samples the prior
+                                                        tokens; every rank receives them.
+- glm_image.prepare  REPLICATED                         glyph embeddings, seeded noise, timesteps, size
+                                                        conditioning and the condition-image latents: cheap and
+                                                        deterministic, so every rank computes the same.
+- glm_image.denoise  SEQUENCE_PARALLEL | CFG_PARALLEL   the DiT loop: sharded by plan.py, guidance branches split
+                                                        by parallel.cfg.run_branches.
+- glm_image.decode   MAIN_RANK_ONLY                     only the host needs the image: rank 0 decodes, nobody
+                                                        else spends time or memory on it and nothing is broadcast.
+
+Inputs and outputs are plain CPU values (tensors, lists, PIL images, numbers): they cross process boundaries.
+Batches: any number of prompts for text-to-image; editing (condition images) takes one prompt.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
+from transformers import GlmImageForConditionalGeneration, GlmImageProcessor, StoppingCriteria, StoppingCriteriaList
+
+from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
+from ...parallel.cfg import run_branches
+from .. import loading
+from . import ar_decode
+from .plan import apply_sequence_parallel
+
+PIPELINE = "GlmImagePipeline"
+SIZE_MULTIPLE = 32  # the AR grid is H/32 x W/32
+MAX_SEQUENCE_LENGTH = 2048  # diffusers' default for the glyph encoder
+# Strings the AR processor gives a meaning of its own: in a user prompt they would corrupt the token grid.
+RESERVED = ("<|image|>", "<sop>", "<eop>", "<|dit_token_")
+
+
+@dataclass
+class GlmImage:
+    transformer: Any  # GlmImageTransformer2DModel, with the SP plan installed when sp > 1
+    text_encoder: Any  # T5EncoderModel (glyph encoder)
+    tokenizer: Any  # ByT5Tokenizer
+    vae: Any  # AutoencoderKL: every rank encodes condition images in prepare; rank 0 decodes
+    scheduler_config: dict
+    vision_language_encoder: Any = None  # GlmImageForConditionalGeneration, rank 0 only
+    processor: Any = None  # GlmImageProcessor, rank 0 only
+    sp_hooks: list = field(default_factory=list)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+def load(ctx: StageContext, path: str) -> GlmImage:
+    """Every rank loads the DiT, the glyph encoder and the VAE; rank 0 alone loads the AR model and processor."""
+    loading.inspect_model_folder(path, PIPELINE)
+    dev, dtype = ctx.device, ctx.dtype
+    scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
+    if scheduler_config.get("stochastic_sampling"):
+        raise loading.ModelFolderError(f"{path}: a stochastic-sampling scheduler is not supported")
+    model = GlmImage(
+        transformer=loading.load_component(path, "transformer", dtype, dev).eval(),
+        text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval(),
+        tokenizer=loading.load_component(path, "tokenizer"),
+        vae=loading.load_component(path, "vae", dtype, dev).eval(),
+        scheduler_config=scheduler_config,
+    )
+    if ctx.is_main:
+        # Classes named explicitly: diffusers' save_pretrained records these two under the library "glm_image" (its
+        # pipeline folder's name, which shadows transformers' model folder), which loading.py does not resolve.
+        model.vision_language_encoder = loading.load_component(
+            path, "vision_language_encoder", dtype, dev, cls=GlmImageForConditionalGeneration).eval()
+        model.processor = loading.load_component(path, "processor", cls=GlmImageProcessor)
+    model.sp_hooks = apply_sequence_parallel(model.transformer, ctx.comm)
+    return model
+
+
+# -- glm_image.ar ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def ar(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: int, width: int, seed: int,
+       images: list | None = None) -> dict[str, Any]:
+    """Sample the prior tokens as diffusers' generate_prior_tokens does, with the user's seed.
+
+    Returns {"prior_token_ids": (B, (H/16)(W/16)) long, "condition_prior_token_ids": one (h_i/16 * w_i/16,) long
+    per condition image (editing) or None, "sampled_on_rank": 0}."""
+    check_size(height, width)
+    prompts = _prompts(prompt)
+    images = as_pil_images(images)
+    if images and len(prompts) != 1:
+        raise ValueError(f"editing takes one prompt, got {len(prompts)}")
+    check_prompts(prompts, model.processor)
+    vle, dev = model.vision_language_encoder, ctx.device
+    content = [{"type": "image", "image": img} for img in images or []]
+    messages = [[{"role": "user", "content": [*content, {"type": "text", "text": p}]}] for p in prompts]
+    try:
+        inputs = model.processor.apply_chat_template(
+            messages, tokenize=True, padding=len(prompts) > 1, target_h=height, target_w=width, return_dict=True,
+            return_tensors="pt").to(dev)
+    except Exception as exc:  # noqa: BLE001 - the processor's own message, with the prompt it refused
+        raise ValueError(f"the GLM-Image processor rejected the request ({prompts!r}): {exc}") from exc
+
+    grids = inputs["image_grid_thw"]
+    per_sample = int(inputs["images_per_sample"][0]) if inputs.get("images_per_sample") is not None else len(grids)
+    sample_grids = grids[:per_sample].tolist()
+    sizes = [h * w for _, h, w in sample_grids]
+    if images:  # the target grid follows the sources
+        max_new_tokens, offset, (_, grid_h, grid_w) = sizes[-1] + 1, 0, sample_grids[-1]
+    else:  # the target grid, then the small preview grid, which is sampled first
+        max_new_tokens, offset, (_, grid_h, grid_w) = sum(sizes) + 1, sum(sizes[1:]), sample_grids[0]
+
+    condition_prior_token_ids = None
+    if images:
+        source_grids = grids[:len(images)]
+        check_condition_grids(images, source_grids.tolist())
+        features = vle.get_image_features(inputs["pixel_values"], source_grids).pooler_output
+        # One (C, h, w) map per image: get_image_tokens iterates over images. (diffusers 0.42.1 concatenates the
+        # maps first, so transformers 5.23 iterates over channels and fails; the reference test splits them back.)
+        tokens = vle.get_image_tokens(list(features), source_grids)
+        condition_prior_token_ids = [
+            upsample_token_ids(ids, h, w)[0].cpu()
+            for ids, (_, h, w) in zip(tokens.split(source_grids.prod(-1).tolist()), source_grids.tolist())
+        ]
+
+    input_len = inputs["input_ids"].shape[-1]
+    progress = _TokenProgress(ctx, input_len, max_new_tokens)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)  # as diffusers does: generate() takes no generator
+        if dev.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        # generate() itself; on CUDA with a static KV cache and a compiled decode step (ar_decode.py): same tokens
+        outputs = ar_decode.generate(vle, inputs, max_new_tokens=max_new_tokens, do_sample=True,
+                                     stopping_criteria=StoppingCriteriaList([progress]))
+    generated = outputs[:, input_len:]
+    if generated.shape[1] < offset + grid_h * grid_w:
+        raise RuntimeError(f"the AR model stopped after {generated.shape[1]} of {max_new_tokens} tokens "
+                           f"(it sampled its end token early); try another seed")
+    prior = torch.cat([upsample_token_ids(g[offset:offset + grid_h * grid_w], grid_h, grid_w) for g in generated])
+    codebook = model.transformer.config.prior_vq_quantizer_codebook_size
+    if int(prior.max()) >= codebook:  # a sample of a batch ended early and was padded
+        raise RuntimeError(f"the AR model put token {int(prior.max())} into an image grid, outside the DiT's "
+                           f"codebook of {codebook} (it sampled its end token early); try another seed")
+    return {"prior_token_ids": prior.cpu(), "condition_prior_token_ids": condition_prior_token_ids,
+            "sampled_on_rank": ctx.comm.rank}
+
+
+class _TokenProgress(StoppingCriteria):
+    """Called by generate() after every sampled token: rank-0 progress, and the cancel check (raising Cancelled
+    leaves generate(); the executor tells every rank). Never stops generation itself, and draws no random numbers,
+    so the sampled tokens are those of a plain generate()."""
+
+    def __init__(self, ctx: StageContext, input_len: int, total: int):
+        self.ctx, self.input_len, self.total = ctx, input_len, total
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = input_ids.shape[-1] - self.input_len
+        self.ctx.report("tokens", done, self.total)
+        if self.ctx.cancel_requested():
+            raise Cancelled(done, self.total)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def check_condition_grids(images: list[PIL.Image.Image], grids: list[list[int]]) -> None:
+    """The AR tokenizes a condition image on a grid the processor chooses (halved, rounded, clamped to its pixel
+    limits); the DiT sees the image cropped to a multiple of 16. Their grids must match (the AR's upsampled 2x),
+    else the DiT fails deep inside with a shape error: say so here instead."""
+    for i, (img, (_, grid_h, grid_w)) in enumerate(zip(images, grids)):
+        if (img.height // 16, img.width // 16) != (2 * grid_h, 2 * grid_w):
+            raise ValueError(
+                f"condition image {i} is {img.width}x{img.height}: the AR tokenizes it on a {grid_w}x{grid_h} grid, "
+                f"the DiT on {img.width // 16}x{img.height // 16} (a size's 16th); resize it so that both sides are "
+                f"multiples of 32 within the processor's pixel limits, e.g. {32 * grid_w}x{32 * grid_h}")
+
+
+def upsample_token_ids(token_ids: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(h*w,) tokens of the H/32 grid -> (1, 4*h*w) tokens of the H/16 grid (nearest, as diffusers)."""
+    grid = token_ids.view(1, 1, grid_h, grid_w).float()
+    return torch.nn.functional.interpolate(grid, scale_factor=2, mode="nearest").long().view(1, -1)
+
+
+# -- glm_image.prepare -------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def prepare(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: int, width: int, steps: int,
+            guidance: float, seed: int, negative_prompt: str | list[str] | None = None,
+            images: list | None = None) -> dict[str, Any]:
+    """Everything the denoising loop takes besides the prior tokens, computed identically on every rank."""
+    check_size(height, width)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    prompts = _prompts(prompt)
+    batch, dev, dtype = len(prompts), ctx.device, ctx.dtype
+    out: dict[str, Any] = {"prompt_embeds": _glyph_embeds(model, prompts, dev, dtype).cpu(),
+                           "negative_prompt_embeds": None}
+    if guidance > 1:  # diffusers' uncond branch: the glyph texts of the negative prompt, "" by default
+        negative = _prompts(negative_prompt) if negative_prompt is not None else [""]
+        negative = negative * batch if len(negative) == 1 else negative
+        if len(negative) != batch:
+            raise ValueError(f"{batch} prompts but {len(negative)} negative prompts")
+        out["negative_prompt_embeds"] = _glyph_embeds(model, negative, dev, dtype).cpu()
+
+    shape = (batch, model.transformer.config.in_channels, height // model.vae_scale_factor,
+             width // model.vae_scale_factor)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out["latents"] = torch.randn(shape, generator=generator, dtype=dtype)  # diffusers' randn_tensor on the CPU
+
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    image_seq_len = (shape[2] * shape[3]) // model.transformer.config.patch_size ** 2
+    train_steps = scheduler.config.num_train_timesteps
+    timesteps = np.linspace(train_steps, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
+    mu = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
+                         scheduler.config.get("base_shift", 0.25), scheduler.config.get("max_shift", 0.75))
+    retrieve_timesteps(scheduler, steps, "cpu", timesteps, timesteps / train_steps, mu=mu)
+    out["timesteps"], out["sigmas"] = scheduler.timesteps.clone(), scheduler.sigmas.clone()
+
+    out["target_size"] = torch.tensor([[height, width]], dtype=dtype).repeat(batch, 1)
+    out["crop_coords"] = torch.tensor([[0, 0]], dtype=dtype).repeat(batch, 1)
+    images = as_pil_images(images)
+    out["condition_latents"] = _condition_latents(model, images, dev, dtype) if images else None
+    return out
+
+
+def glyph_texts(prompt: str) -> list[str]:
+    """The quoted substrings diffusers renders as glyphs, in its order: '...', “...”, "...", 「...」."""
+    return (re.findall(r"'([^']*)'", prompt) + re.findall(r"\u201c([^\u201c\u201d]*)\u201d", prompt)
+            + re.findall(r'"([^"]*)"', prompt) + re.findall(r"「([^「」]*)」", prompt))
+
+
+def _glyph_embeds(model: GlmImage, prompts: list[str], dev: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """diffusers' _get_glyph_embeds: every glyph text of a prompt through the T5 encoder, padding dropped and the
+    texts concatenated; prompts left-padded with zeros to one length. (B, L, text_embed_dim), L >= 1."""
+    tok = model.tokenizer
+    embeds = []
+    for prompt in prompts:
+        texts = glyph_texts(prompt) or [""]
+        ids = tok(texts, max_length=MAX_SEQUENCE_LENGTH, truncation=True).input_ids
+        ids = [[tok.pad_token_id] * ((len(ids) + 1) % 2) + x for x in ids]  # sic: parity of the text count
+        longest = max(len(x) for x in ids)
+        mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids], device=dev)
+        ids = torch.tensor([x + [tok.pad_token_id] * (longest - len(x)) for x in ids], device=dev)
+        hidden = model.text_encoder(ids, attention_mask=mask).last_hidden_state
+        embeds.append(hidden[mask.bool()].unsqueeze(0))
+    longest = max(e.shape[1] for e in embeds)
+    embeds = [torch.cat([e.new_zeros(1, longest - e.shape[1], e.shape[2]), e], dim=1) for e in embeds]
+    return torch.cat(embeds).to(dev, dtype)
+
+
+def _condition_latents(model: GlmImage, images: list[PIL.Image.Image], dev: torch.device, dtype: torch.dtype
+                       ) -> list[torch.Tensor]:
+    """Each condition image cropped to a multiple of 16, VAE-encoded (mode) and normalised: (1, 16, h/8, w/8)."""
+    vae = model.vae
+    multiple = model.vae_scale_factor * model.transformer.config.patch_size
+    processor = VaeImageProcessor(vae_scale_factor=model.vae_scale_factor)
+    channels = vae.config.latent_channels
+    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1).to(dev, dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1).to(dev, dtype)
+    latents = []
+    for img in images:
+        h, w = (img.height // multiple) * multiple, (img.width // multiple) * multiple
+        pixels = processor.preprocess(img, height=h, width=w).to(dev, dtype)
+        latent = vae.encode(pixels).latent_dist.mode()
+        latents.append(((latent - mean) / std).cpu())
+    return latents
+
+
+# -- glm_image.denoise -------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_token_ids: torch.Tensor,
+            prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, timesteps: torch.Tensor,
+            sigmas: torch.Tensor, target_size: torch.Tensor, crop_coords: torch.Tensor, guidance: float,
+            condition_latents: list[torch.Tensor] | None = None,
+            condition_prior_token_ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """The flow-matching Euler loop of diffusers' GlmImagePipeline: per step a conditional DiT call (reading the
+    condition-image KV cache when editing) and, with guidance > 1, an unconditional one (prior tokens dropped,
+    cache skipped). Returns the final latents (B, 16, H/8, W/8) on the CPU."""
+    use_cfg = guidance > 1
+    ctx.comm.layout.check_branches(2 if use_cfg else 1)
+    if use_cfg and negative_prompt_embeds is None:
+        raise ValueError("guidance > 1 needs negative_prompt_embeds (from glm_image.prepare with that guidance)")
+    editing = bool(condition_latents)
+    if editing and (condition_prior_token_ids is None or len(condition_prior_token_ids) != len(condition_latents)):
+        raise ValueError("editing needs one condition_prior_token_ids entry per condition latent")
+    dev, dtype = ctx.device, model.transformer.dtype
+    transformer = model.transformer
+    latents = latents.to(dev)
+    prior = prior_token_ids.to(dev)
+    cond_embeds = prompt_embeds.to(dev, dtype)
+    uncond_embeds = negative_prompt_embeds.to(dev, dtype) if use_cfg else None
+    target_size, crop_coords = target_size.to(dev), crop_coords.to(dev)
+    keep, drop = torch.zeros_like(prior, dtype=torch.bool), torch.ones_like(prior, dtype=torch.bool)
+
+    kv_caches = GlmImageKVCache(num_layers=transformer.config.num_layers)
+    if editing:
+        kv_caches.set_mode("write")
+        for latent, ids in zip(condition_latents, condition_prior_token_ids):
+            latent, ids = latent.to(dev, dtype), ids.to(dev)
+            transformer(hidden_states=latent, encoder_hidden_states=cond_embeds.new_zeros(1, 0, cond_embeds.shape[2]),
+                        prior_token_id=ids, prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
+                        timestep=torch.zeros((1,), device=dev),
+                        target_size=torch.tensor([latent.shape[-2:]], device=dev) * model.vae_scale_factor,
+                        crop_coords=torch.zeros((1, 2), device=dev), kv_caches=kv_caches)
+        kv_caches.next_sample()
+
+    # The DiT computes its rotary tables on the CPU at every call; once per request on the device instead keeps the
+    # CPU (shared by all ranks) and host-to-device copies out of the loop.
+    rope = tuple(t.to(dev) for t in transformer.rope(latents))
+
+    def predict(embeds, drop_prior, mode):
+        def call() -> torch.Tensor:
+            if editing:
+                kv_caches.set_mode(mode)
+            return transformer(hidden_states=x, encoder_hidden_states=embeds, prior_token_id=prior,
+                               prior_token_drop=drop_prior, timestep=timestep, target_size=target_size,
+                               crop_coords=crop_coords, return_dict=False, kv_caches=kv_caches,
+                               image_rotary_emb=rope)[0].float()
+        return call
+
+    total = len(timesteps)
+    # Per-step sigma differences moved once: a host-to-device copy inside the loop would stall the GPU queue
+    step_sizes = (sigmas[1:] - sigmas[:-1]).to(dev)
+    for i, t in enumerate(timesteps.to(dev)):
+        x = latents.to(dtype)
+        timestep = t.expand(latents.shape[0]) - 1
+        branches = [predict(cond_embeds, keep, "read")]
+        if use_cfg:
+            branches.append(predict(uncond_embeds, drop, "skip"))
+        preds = run_branches(ctx.comm, branches)
+        noise_pred = preds[1] + guidance * (preds[0] - preds[1]) if use_cfg else preds[0]
+        # FlowMatchEulerDiscreteScheduler.step: float32 Euler update, cast to the prediction's dtype
+        latents = (latents.float() + step_sizes[i] * noise_pred).to(noise_pred.dtype)
+        ctx.step(i + 1, total)
+    kv_caches.clear()
+    return latents.cpu()
+
+
+# -- glm_image.decode --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def decode(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor) -> torch.Tensor:
+    """Latents de-normalised with the VAE's latents_mean/std, decoded -> (B, H, W, 3) float in [0, 1], CPU."""
+    vae = model.vae
+    channels = vae.config.latent_channels
+    z = latents.to(ctx.device, vae.dtype)
+    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1).to(z.device, z.dtype)
+    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1).to(z.device, z.dtype)
+    image = vae.decode(z * std + mean, return_dict=False)[0]
+    # diffusers' VaeImageProcessor.denormalize, in the VAE's dtype as diffusers runs it
+    return (image * 0.5 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu()
+
+
+# -- checks and conversions --------------------------------------------------------------------------------------
+
+def check_size(height: int, width: int) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"GLM-Image {name} must be an integer, got {value!r}")
+        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
+            lo = max(SIZE_MULTIPLE, int(value) - int(value) % SIZE_MULTIPLE)
+            hi = lo + SIZE_MULTIPLE if int(value) > lo else lo
+            nearest = f"{lo}" if lo == hi else f"{lo} or {hi}"
+            raise ValueError(f"GLM-Image {name} must be a multiple of {SIZE_MULTIPLE} (the AR token grid is "
+                             f"{name}/32), got {value}; use {nearest}")
+
+
+def check_prompts(prompts: list[str], processor=None) -> None:
+    """Refuse prompts the AR processor would misread (its image, grid and DiT token markers)."""
+    reserved = list(RESERVED)
+    if processor is not None:
+        tok = processor.tokenizer
+        reserved += [t for t in (processor.image_token, processor.grid_bos_token, processor.grid_eos_token,
+                                 tok.bos_token, tok.eos_token) if t]
+    for p in prompts:
+        if not isinstance(p, str) or not p.strip():
+            raise ValueError(f"a GLM-Image prompt must be a non-empty string, got {p!r}")
+        found = [r for r in reserved if r in p]
+        if found:
+            raise ValueError(f"the GLM-Image prompt {p!r} contains {found[0]!r}, which the AR processor reserves "
+                             f"for its own markers (the image size comes from height and width); remove it")
+
+
+def as_pil_images(images) -> list[PIL.Image.Image] | None:
+    """Condition images as RGB PIL images: PIL images, or (H, W, 3) / (B, H, W, 3) float [0, 1] tensors or arrays
+    (ComfyUI's IMAGE), or uint8 arrays."""
+    if images is None:
+        return None
+    if isinstance(images, (PIL.Image.Image, torch.Tensor, np.ndarray)):
+        images = [images]
+    out = []
+    for img in images:
+        if isinstance(img, PIL.Image.Image):
+            out.append(img.convert("RGB"))
+            continue
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        if arr.ndim == 4:
+            out.extend(as_pil_images(list(arr)))
+            continue
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise ValueError(f"a condition image must be (H, W, 3), got shape {tuple(arr.shape)}")
+        if arr.dtype != np.uint8:
+            arr = (np.clip(arr.astype(np.float32), 0, 1) * 255).round().astype(np.uint8)
+        out.append(PIL.Image.fromarray(arr, "RGB"))
+    return out or None
+
+
+def _prompts(prompt: str | list[str]) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("no prompt given")
+    return prompts
+
+
+LOADER = Loader("glm_image", load)
+STAGES = [
+    Stage("glm_image.ar", Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS, ar),
+    Stage("glm_image.prepare", Parallelism.REPLICATED, prepare),
+    Stage("glm_image.denoise", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, denoise),
+    Stage("glm_image.decode", Parallelism.MAIN_RANK_ONLY, decode),
+]

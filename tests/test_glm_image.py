@@ -1,0 +1,270 @@
+"""GLM-Image: the single-process stages equal diffusers' GlmImagePipeline, and every parallel layout equals the
+single-process run: text-to-image and image-to-image (editing), square and non-square, with and without glyph
+text, guidance on (two branches) and off. The AR stage runs on rank 0 only and every rank gets its tokens."""
+import numpy as np
+import pytest
+import torch
+from diffusers import GlmImagePipeline
+from PIL import Image
+
+from comfyui_parallel_diffusion import models
+from comfyui_parallel_diffusion.models.glm_image import pipeline as glm
+from comfyui_parallel_diffusion.models.glm_image import tiny
+from comfyui_parallel_diffusion.parallel import Cancelled, Layout, LayoutError, LocalRunner
+from comfyui_parallel_diffusion.parallel.executor import MainRankError
+from comfyui_parallel_diffusion.parallel.group import WorkerGroup
+
+STEPS = 2
+SEED = 7
+PARALLEL_TOLERANCE = 1e-4
+
+
+def _image(height, width, seed):
+    return Image.fromarray((np.random.RandomState(seed).rand(height, width, 3) * 255).astype(np.uint8))
+
+
+# name -> generate() arguments. Glyph text is a quoted substring; the negative glyph prompt is always 1 token.
+CASES = {
+    "t2i square glyph": dict(prompt='a red "HELLO" sign on a door', height=64, width=64, guidance=1.5),
+    "t2i portrait": dict(prompt="a cat in the snow", height=96, width=64, guidance=1.5),
+    "t2i landscape glyph no-cfg": dict(prompt="a shop called 'OPEN'", height=64, width=96, guidance=1.0),
+    "i2i landscape glyph": dict(prompt='make the sign say "SALE"', height=64, width=96, guidance=1.5,
+                                images=[_image(64, 96, 1)]),
+    "i2i portrait from square": dict(prompt="make it blue", height=96, width=64, guidance=1.5,
+                                     images=[_image(64, 64, 2)]),
+    # glyph text in one prompt only: the two glyph sequences differ in length (left-padded by diffusers)
+    "t2i batch of 2": dict(prompt=['a "TWO" word sign', "a plain field"], height=64, width=64, guidance=1.5),
+}
+
+
+def _generate(runner, key, case, seed=SEED, **progress):
+    return glm.generate(runner, key, steps=STEPS, seed=seed, **case, **progress)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny AR decodes ~260 tokens one by one: two OpenMP threads on two busy cores make that 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_glm_image):
+    runner = LocalRunner(models)
+    runner.load("g", "glm_image", path=tiny_glm_image)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def single(local):
+    cache = {}
+
+    def result(name):
+        if name not in cache:
+            cache[name] = _generate(local, "g", CASES[name])
+        return cache[name]
+
+    return result
+
+
+@pytest.fixture(scope="module")
+def diffusers_pipe(tiny_glm_image):
+    pipe = GlmImagePipeline.from_pretrained(tiny_glm_image, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    split_condition_features_per_image(pipe)
+    return pipe
+
+
+def split_condition_features_per_image(pipe):
+    """The minimal fix that lets diffusers 0.42.1 edit images with transformers 5.23.
+
+    generate_prior_tokens concatenates the per-image (C, h, w) feature maps of the condition images along dim 0
+    and hands the (n*C, h, w) result to get_image_tokens, which (transformers 5.23) iterates over its first
+    dimension expecting one map per image, so it sees single channels and the VQ conv fails. Splitting the tensor
+    back into per-image maps is exactly what the pipeline meant; generate() itself passes a list and is untouched."""
+    ar = pipe.vision_language_encoder
+    original = ar.get_image_tokens
+    channels = ar.config.vq_config.latent_channels
+
+    def get_image_tokens(hidden_states, image_grid_thw=None):
+        if isinstance(hidden_states, torch.Tensor):
+            hidden_states = list(hidden_states.split(channels, dim=0))
+        return original(hidden_states, image_grid_thw)
+
+    ar.get_image_tokens = get_image_tokens
+
+
+def _diffusers(pipe, case):
+    """diffusers' final latents (read at the last step) and its image, from one call."""
+    final = {}
+
+    def keep(pipeline, step, timestep, kwargs):
+        final["latents"] = kwargs["latents"]
+        return {}
+
+    out = pipe(prompt=case["prompt"], image=case.get("images"), height=case["height"], width=case["width"],
+               num_inference_steps=STEPS, guidance_scale=case["guidance"],
+               generator=torch.Generator("cpu").manual_seed(SEED), output_type="pt", callback_on_step_end=keep)
+    return out.images.permute(0, 2, 3, 1), final["latents"]
+
+
+# -- the tiny model -----------------------------------------------------------------------------------------------
+
+def test_tiny_model_keeps_the_real_geometry(diffusers_pipe):
+    pipe = diffusers_pipe
+    dit, ar = pipe.transformer.config, pipe.vision_language_encoder.config
+    assert dit.num_attention_heads == 3  # not a power of two: Ulysses 2 and 4 pad heads
+    assert (dit.patch_size, dit.in_channels, pipe.vae_scale_factor, pipe.vae.config.latent_channels) == (2, 16, 8, 16)
+    assert ar.text_config.vision_vocab_size <= dit.prior_vq_quantizer_codebook_size
+    assert ar.vq_config.num_embeddings <= dit.prior_vq_quantizer_codebook_size
+    assert ar.text_config.eos_token_id >= ar.text_config.vision_vocab_size  # never sampled: grids are complete
+    tok = pipe.processor.tokenizer
+    assert tok.convert_ids_to_tokens(0) == "<|dit_token_0|>" and tok.bos_token == f"<|dit_token_{tiny.IMAGE_START}|>"
+    assert len(set(pipe.vae.config.latents_std)) > 1  # de-normalisation is exercised
+
+
+def test_building_again_is_a_no_op(tiny_glm_image):
+    marker = f"{tiny_glm_image}/{tiny.MARKER}"
+    before = open(marker).read()
+    assert tiny.build_tiny_glm_image(tiny_glm_image) == tiny_glm_image
+    assert open(marker).read() == before
+
+
+# -- single process == diffusers ----------------------------------------------------------------------------------
+
+def test_single_process_equals_diffusers(single, diffusers_pipe):
+    for name, case in CASES.items():
+        images, latents = single(name)
+        ref_images, ref_latents = _diffusers(diffusers_pipe, case)
+        latent_err = (latents - ref_latents).abs().max().item()
+        image_err = (images - ref_images).abs().max().item()
+        print(f"{name} {case['height']}x{case['width']}: latents max|diff| {latent_err:.2e}, image {image_err:.2e}")
+        assert latents.shape == ref_latents.shape and images.shape == ref_images.shape
+        assert latent_err <= 1e-5 and image_err <= 1e-5, name
+
+
+def test_output_depends_on_seed_and_prompt(local, single):
+    case = CASES["t2i portrait"]  # no glyph text: the prompt acts through the AR's prior tokens alone
+    _, base = single("t2i portrait")
+    _, other_seed = _generate(local, "g", case, seed=SEED + 1)
+    _, other_prompt = _generate(local, "g", {**case, "prompt": "a dog on a beach"})
+    assert (base - other_seed).abs().max() > 1e-2
+    assert (base - other_prompt).abs().max() > 1e-2
+
+
+def test_progress_and_cancel(local):
+    case = CASES["t2i square glyph"]
+    events = []
+    glm.generate(local, "g", steps=STEPS, seed=SEED, **case, on_progress=lambda *e: events.append(e))
+    tokens = [e for e in events if e[0] == "tokens"]
+    steps = [e for e in events if e[0] == "step"]
+    # 64x64: a 2x2 target grid after the 16x16 preview grid, then the end token
+    assert tokens[-1] == ("tokens", 2 * 2 + 16 * 16 + 1, 2 * 2 + 16 * 16 + 1) and len(tokens) == tokens[-1][2]
+    assert steps == [("step", i + 1, STEPS) for i in range(STEPS)]
+
+    with pytest.raises(Cancelled) as stop:  # rank 0's AR stops between two tokens
+        glm.generate(local, "g", steps=STEPS, seed=SEED, **case, on_progress=lambda *e: events.append(e),
+                     should_cancel=lambda: len(events) > 300)
+    assert 0 < stop.value.step < stop.value.total
+    _, latents = glm.generate(local, "g", steps=STEPS, seed=SEED, **case)  # and the runner serves on
+    assert torch.equal(latents, _generate(local, "g", case)[1])
+
+
+def test_comfyui_image_tensors_are_condition_images(local, single):
+    """ComfyUI hands images over as (B, H, W, 3) floats in [0, 1]: the same pixels as the PIL image."""
+    case = CASES["i2i landscape glyph"]
+    tensor = torch.tensor(np.array(case["images"][0]), dtype=torch.float32).unsqueeze(0) / 255
+    _, latents = _generate(local, "g", {**case, "images": tensor})
+    assert torch.equal(latents, single("i2i landscape glyph")[1])
+
+
+def test_input_errors():
+    runner = RunnerThatMustNotRun(Layout())
+    with pytest.raises(ValueError, match="multiple of 32 .*got 100; use 96 or 128"):
+        glm.generate(runner, "g", prompt="x", height=100, width=64, steps=1, guidance=1.5, seed=0)
+    with pytest.raises(ValueError, match="width must be a multiple of 32 .*got 16; use 32"):
+        glm.generate(runner, "g", prompt="x", height=64, width=16, steps=1, guidance=1.5, seed=0)
+    with pytest.raises(ValueError, match="reserves"):
+        glm.generate(runner, "g", prompt="a <|image|> here", height=64, width=64, steps=1, guidance=1.5, seed=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        glm.generate(runner, "g", prompt="  ", height=64, width=64, steps=1, guidance=1.5, seed=0)
+    with pytest.raises(ValueError, match="editing takes one prompt"):
+        glm.generate(runner, "g", prompt=["a", "b"], images=[_image(64, 64, 0)], height=64, width=64, steps=1,
+                     guidance=1.5, seed=0)
+    with pytest.raises(LayoutError, match="cfg degree 2 needs classifier-free guidance"):
+        glm.generate(RunnerThatMustNotRun(Layout.for_world(2, cfg=2)), "g", prompt="x", height=64, width=64,
+                     steps=1, guidance=1.0, seed=0)
+
+
+def test_condition_image_off_the_token_grid_is_refused_clearly(local):
+    # 48x48: the AR's processor tokenizes it on a 2x2 grid (4x4 upsampled), the DiT's latent grid is 3x3
+    with pytest.raises(MainRankError, match="condition image 0 is 48x48.*e.g. 64x64"):
+        glm.generate(local, "g", prompt="edit", images=[_image(48, 48, 0)], height=64, width=64, steps=1,
+                     guidance=1.5, seed=0)
+
+
+class RunnerThatMustNotRun:
+    """Input checks happen on the host before anything is sent."""
+
+    def __init__(self, layout):
+        self.layout = layout
+
+    def run(self, *args, **kwargs):
+        raise AssertionError("invalid input reached the runner")
+
+
+# -- N ranks == 1 rank ----------------------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "ulysses2 (3 heads padded to 4)": Layout.for_world(2),
+    "ulysses3": Layout.for_world(3),
+    "ulysses4 (3 heads padded to 4)": Layout.for_world(4),
+    "cfg2 x ulysses2": Layout.for_world(4, cfg=2),
+    "cfg2 x ulysses4 (8 ranks)": Layout.for_world(8, cfg=2),
+}
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_parallel_equals_single_process(tiny_glm_image, single, name):
+    layout = LAYOUTS[name]
+    group = WorkerGroup(layout, "cpu", torch.float32)
+    try:
+        group.load("g", "glm_image", path=tiny_glm_image)
+        worst = 0.0
+        for case_name, case in CASES.items():
+            if layout.cfg > 1 and case["guidance"] <= 1:
+                continue  # no second branch to place: refused (test_input_errors)
+            images, latents = _generate(group, "g", case)
+            ref_images, ref_latents = single(case_name)
+            err = (latents - ref_latents).abs().max().item()
+            worst = max(worst, err)
+            print(f"{name} {case_name}: latents max|diff| {err:.2e}")
+            assert err <= PARALLEL_TOLERANCE, f"{name} {case_name}: {err:.2e}"
+            assert (images - ref_images).abs().max().item() <= 1e-3
+        print(f"{name}: worst latents max|diff| {worst:.2e}")
+
+        # The AR ran on rank 0 alone (the others hold no AR model) and every rank holds its very tokens.
+        case = CASES["i2i landscape glyph"]
+        per_rank = group.run("glm_image.ar", "g", {"prompt": case["prompt"], "height": case["height"],
+                                                   "width": case["width"], "seed": SEED, "images": case["images"]},
+                             collect="all")
+        assert len(per_rank) == layout.world_size
+        for result in per_rank:
+            assert result["sampled_on_rank"] == 0
+            assert torch.equal(result["prior_token_ids"], per_rank[0]["prior_token_ids"])
+            assert all(torch.equal(a, b) for a, b in zip(result["condition_prior_token_ids"],
+                                                          per_rank[0]["condition_prior_token_ids"]))
+        assert per_rank[0]["prior_token_ids"].shape == (1, (64 // 16) * (96 // 16))
+
+        # A cancel while rank 0 samples stops every rank, and the group serves the next request.
+        events = []
+        with pytest.raises(Cancelled) as stop:
+            _generate(group, "g", CASES["t2i portrait"], on_progress=lambda *e: events.append(e),
+                      should_cancel=lambda: bool(events))
+        assert events[0][0] == "tokens" and stop.value.step < stop.value.total
+        _, latents = _generate(group, "g", CASES["t2i portrait"])
+        assert (latents - single("t2i portrait")[1]).abs().max().item() <= PARALLEL_TOLERANCE
+    finally:
+        group.close()
