@@ -1,0 +1,79 @@
+"""What the Z-Image and GLM-Image nodes share: the loader's inputs and function, and small input specs."""
+from __future__ import annotations
+
+import torch
+
+from . import runtime
+from .model_folders import list_model_folders, model_folder_path
+
+LOADER_OUTPUT_TOOLTIP = ("The model, loaded on its worker group (one process per GPU, kept alive between prompts). "
+                         "Connect it to every node of this model.")
+
+
+def loader_inputs(pipeline: str, family: str) -> dict:
+    return {
+        "required": {
+            "model": (list_model_folders(pipeline), {
+                "tooltip": f"A {family} model folder in diffusers layout (holding model_index.json) under "
+                           f"ComfyUI's models/diffusers, or a diffusers path of extra_model_paths.yaml. Only "
+                           f"folders whose model_index.json names {pipeline} are listed."}),
+            "gpus": ("INT", {
+                "default": max(1, torch.cuda.device_count()), "min": 1, "max": runtime.MAX_GPUS,
+                "tooltip": "How many GPUs (ranks) generate each image together; one image is split across them "
+                           "and the result equals one GPU's. 1 runs inside ComfyUI's own process. With device "
+                           "'cpu' these are CPU processes (for testing)."}),
+            "cfg_parallel": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Run the conditional and unconditional guidance branches on two halves of the GPUs "
+                           "(needs an even GPU count and a guidance that enables CFG). Off: every GPU splits the "
+                           "image sequence (Ulysses)."}),
+            "device": (runtime.DEVICES, {
+                "default": "auto",
+                "tooltip": "auto: CUDA GPUs unless ComfyUI itself runs on the CPU. cuda: one GPU per rank, "
+                           "GPUs 0..N-1 (bfloat16). cpu: CPU processes (float32), for testing."}),
+        }
+    }
+
+
+class LoaderBase:
+    """A loader node: checks the folder, starts (or reuses) the worker group and loads the model on it."""
+    RUNTIME_LOADER = ""  # "zimage" / "glm_image"
+    PIPELINE = ""  # the diffusers class model_index.json must name
+    FUNCTION = "load"
+
+    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str):
+        with runtime.user_errors():
+            path = model_folder_path(model)
+        return (runtime.load_model(self.RUNTIME_LOADER, self.PIPELINE, path, gpus, cfg_parallel, device),)
+
+
+class DecodeBase:
+    """A decode node: latents -> IMAGE through the model's decode stage, on the group's first GPU."""
+    STAGE = ""  # "zimage.decode" / "glm_image.decode"
+    MODEL_INPUT: tuple = ()
+    LATENT_SOURCE = ""  # the node whose latents it takes, for the tooltip
+    FUNCTION = "decode"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The decoded images.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": cls.MODEL_INPUT,
+            "latent": ("LATENT", {"tooltip": f"Latents from '{cls.LATENT_SOURCE}'."}),
+        }}
+
+    def decode(self, model: runtime.ModelHandle, latent: dict):
+        return (runtime.run_stage(model, self.STAGE, {"latents": latent["samples"]}),)
+
+
+def seed_input(tooltip: str) -> tuple:
+    return ("INT", {"default": 0, "min": 0, "max": runtime.MAX_SEED, "control_after_generate": True,
+                    "tooltip": tooltip})
+
+
+def check_same_model(handle: runtime.ModelHandle, value: dict, what: str) -> None:
+    if value.get("model") != handle.key:
+        raise runtime.ParallelDiffusionError(
+            f"this {what} was made by another model ({value.get('model')}); connect the same loader to both nodes")

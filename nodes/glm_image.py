@@ -1,0 +1,146 @@
+"""GLM-Image nodes: loader -> AR (prior tokens) -> denoise -> decode (models/glm_image/stages.py).
+
+The AR node is separate so that ComfyUI caches its prior tokens: changing the steps or the guidance reruns the
+denoising only, never the slow autoregressive sampling. The denoise node runs the stages glm_image.prepare
+(glyph embeddings, seeded noise, timesteps, condition-image latents: cheap, and it needs the steps and the
+guidance) and glm_image.denoise.
+"""
+from __future__ import annotations
+
+from ..models.glm_image import pipeline as glm_image
+from ..models.glm_image.stages import PIPELINE, SIZE_MULTIPLE, as_pil_images, check_prompts, check_size
+from . import runtime
+from .common import DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, loader_inputs, seed_input
+
+CATEGORY = "parallel_diffusion/GLM-Image"
+MODEL = "PD_GLM_IMAGE"
+PRIOR = "PD_GLM_IMAGE_PRIOR"
+MODEL_INPUT = (MODEL, {"tooltip": "The GLM-Image model from 'GLM-Image Loader (parallel)'."})
+MAX_SIZE = 4096
+IMAGE_INPUTS = ("image_1", "image_2", "image_3")
+
+
+class GlmImageLoader(LoaderBase):
+    RUNTIME_LOADER = glm_image.LOADER
+    PIPELINE = PIPELINE
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = (LOADER_OUTPUT_TOOLTIP,)
+    DESCRIPTION = ("Loads a GLM-Image model folder (diffusers layout) on a group of worker processes, one per GPU, "
+                   "that stay alive between prompts; the first GPU alone holds the autoregressive model. The group "
+                   "is shared by every loader with the same GPUs, cfg_parallel and device settings; ComfyUI's "
+                   "'Unload models' / 'Free memory' stops it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return loader_inputs(PIPELINE, "GLM-Image")
+
+
+class GlmImageAR:
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = (PRIOR,)
+    RETURN_NAMES = ("prior",)
+    OUTPUT_TOOLTIPS = ("The sampled prior image tokens with the prompt, size, seed and condition images they were "
+                       "sampled for, for 'GLM-Image Denoise (parallel)'.",)
+    DESCRIPTION = ("GLM-Image's autoregressive stage: the vision-language model reads the prompt (and the "
+                   "condition images, for editing) and samples the image's prior tokens, on the first GPU; the "
+                   "tokens go to every GPU. The slowest step: ComfyUI caches its result, so changing the steps or "
+                   "the guidance does not run it again.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 1024, "min": SIZE_MULTIPLE, "max": MAX_SIZE, "step": SIZE_MULTIPLE}
+        image_tip = ("A condition image to edit or take from (editing); a batch counts as several images. The "
+                     "prompt says what to do with it. Both sides must be multiples of 32, within the AR "
+                     "processor's pixel limit (scale it first otherwise).")
+        return {
+            "required": {
+                "model": MODEL_INPUT,
+                "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                      "tooltip": "What the image shows (or, for editing, what to change). Text in "
+                                                 "quotes is rendered as glyphs."}),
+                "width": ("INT", {**size, "tooltip": f"Image width in pixels, a multiple of {SIZE_MULTIPLE}."}),
+                "height": ("INT", {**size, "tooltip": f"Image height in pixels, a multiple of {SIZE_MULTIPLE}."}),
+                "seed": seed_input("The seed of the token sampling and of the denoising noise; the same seed gives "
+                                   "the same image on any number of GPUs."),
+            },
+            "optional": {name: ("IMAGE", {"tooltip": image_tip}) for name in IMAGE_INPUTS},
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def sample(self, model: runtime.ModelHandle, prompt: str, width: int, height: int, seed: int, unique_id=None,
+               **images):
+        condition = [images[name] for name in IMAGE_INPUTS if images.get(name) is not None] or None
+        with runtime.user_errors():  # checked here, before anything is sent to the group
+            check_size(height, width)
+            check_prompts([prompt])
+            as_pil_images(condition)
+        request = {"prompt": [prompt], "height": height, "width": width, "seed": seed, "images": condition}
+        out = runtime.run_stage(model, "glm_image.ar", request, node_id=unique_id)
+        return ({"model": model.key, **request, "prior_token_ids": out["prior_token_ids"],
+                 "condition_prior_token_ids": out["condition_prior_token_ids"]},)
+
+
+class GlmImageDenoise:
+    CATEGORY = CATEGORY
+    FUNCTION = "denoise"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size), for 'GLM-Image Decode "
+                       "(parallel)'.",)
+    DESCRIPTION = ("Before denoising, every GPU prepares the glyph embeddings, the seeded noise, the timesteps and "
+                   "the condition-image latents; then the DiT denoises with the image's token sequence split "
+                   "across the GPUs (and the guidance branches across GPU halves with cfg_parallel). The result "
+                   "equals one GPU's.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": MODEL_INPUT,
+                "prior": (PRIOR, {"tooltip": "From 'GLM-Image AR (parallel)'."}),
+                "steps": ("INT", {"default": glm_image.DEFAULT_STEPS, "min": 1, "max": 1000,
+                                  "tooltip": "Denoising steps (GLM-Image: 50)."}),
+                "guidance": ("FLOAT", {"default": glm_image.DEFAULT_GUIDANCE, "min": 0.0, "max": 30.0, "step": 0.1,
+                                       "round": 0.01,
+                                       "tooltip": "Classifier-free guidance scale (GLM-Image: 1.5); 1 or less "
+                                                  "turns it off (one DiT call per step instead of two)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def denoise(self, model: runtime.ModelHandle, prior: dict, steps: int, guidance: float, unique_id=None):
+        check_same_model(model, prior, "prior")
+        request = {name: prior[name] for name in ("prompt", "height", "width", "seed", "images")}
+        with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
+            glm_image.check_inputs(model.layout, **request, steps=steps, guidance=guidance)
+        prepared = runtime.run_stage(model, "glm_image.prepare", {**request, "steps": steps, "guidance": guidance})
+        latents = runtime.run_stage(model, "glm_image.denoise", {
+            **prepared, "prior_token_ids": prior["prior_token_ids"],
+            "condition_prior_token_ids": prior["condition_prior_token_ids"], "guidance": guidance},
+            node_id=unique_id)
+        return ({"samples": latents},)
+
+
+class GlmImageDecode(DecodeBase):
+    CATEGORY = CATEGORY
+    STAGE = "glm_image.decode"
+    MODEL_INPUT = MODEL_INPUT
+    LATENT_SOURCE = "GLM-Image Denoise (parallel)"
+    DESCRIPTION = "Decodes GLM-Image latents with the model's VAE, on the first GPU of the group."
+
+
+NODE_CLASS_MAPPINGS = {
+    "PDGlmImageLoader": GlmImageLoader,
+    "PDGlmImageAR": GlmImageAR,
+    "PDGlmImageDenoise": GlmImageDenoise,
+    "PDGlmImageDecode": GlmImageDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PDGlmImageLoader": "GLM-Image Loader (parallel)",
+    "PDGlmImageAR": "GLM-Image AR (parallel)",
+    "PDGlmImageDenoise": "GLM-Image Denoise (parallel)",
+    "PDGlmImageDecode": "GLM-Image Decode (parallel)",
+}

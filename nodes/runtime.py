@@ -1,0 +1,191 @@
+"""The bridge between ComfyUI nodes and the parallel runtime: model handles, the process-wide runner, progress bars,
+interrupts, user-facing errors, and releasing the worker group when ComfyUI frees memory.
+
+A node never holds a runner. It holds a ModelHandle (a small frozen value ComfyUI caches like any output) and asks
+for the runner each time it runs: parallel.pool keeps one worker group, for the layout asked for last, reused
+across prompts and models; after ComfyUI's "free memory" (or a node of a loader with another layout) a group is
+started again and the model loaded again, transparently.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import comfy.model_management as mm
+import comfy.utils
+import torch
+
+from ..models.loading import ModelFolderError, inspect_model_folder
+from ..parallel import Cancelled, Layout, LayoutError, WorkerError, pool
+from ..parallel.executor import MainRankError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ["auto", "cuda", "cpu"]
+MAX_GPUS = 16
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # what torch.Generator.manual_seed accepts, as KSampler's seed
+# Errors whose message is written for the user: the runtime's, and the ValueErrors of the models' own checks
+# (sizes, prompts). Shown without a traceback, and without their type name.
+USER_FACING = (WorkerError, LayoutError, ModelFolderError, MainRankError, ValueError)
+
+
+class ParallelDiffusionError(RuntimeError):
+    """What a node raises for a request the runtime refused: its message is meant for the user."""
+
+
+# ComfyUI shows an error as "<module>.<class>: <message>", and this package's module name is its folder's path.
+ParallelDiffusionError.__module__ = "parallel_diffusion"
+
+
+@dataclass(frozen=True)
+class ModelHandle:
+    """What a loader node outputs: which model, on which layout. Plain and hashable, so ComfyUI caches it."""
+    loader: str  # the runtime's loader name: "zimage" or "glm_image"
+    path: str  # the diffusers model folder
+    layout: Layout
+    device: str  # "cuda" or "cpu"
+    dtype: torch.dtype
+
+    @property
+    def key(self) -> str:
+        return f"{self.loader}:{self.path}"
+
+    def describe(self) -> str:
+        return f"{self.path} on {self.layout.describe()}, {self.device}"
+
+
+def resolve_device(device: str) -> str:
+    """"auto" follows ComfyUI's own device: CUDA unless ComfyUI runs on the CPU (--cpu, or no CUDA GPU)."""
+    if device == "auto":
+        return "cuda" if mm.get_torch_device().type == "cuda" else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParallelDiffusionError("device 'cuda' was chosen but this ComfyUI sees no CUDA GPU; choose 'cpu' or "
+                                     "'auto'")
+    return device
+
+
+def load_model(loader: str, pipeline: str, path: str, gpus: int, cfg_parallel: bool, device: str) -> ModelHandle:
+    """What a loader node does: check the folder here (one clear line instead of a worker's traceback), build the
+    layout, and load the model on the worker group so that loading errors show on the loader node."""
+    device = resolve_device(device)
+    with user_errors():
+        inspect_model_folder(path, pipeline)
+        layout = Layout.for_world(gpus, cfg=2 if cfg_parallel else 1)
+        layout.check_devices(device, torch.cuda.device_count())
+    handle = ModelHandle(loader, path, layout, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    runner_for(handle)
+    log.info("parallel_diffusion: %s loaded (%s)", loader, handle.describe())
+    return handle
+
+
+def runner_for(handle: ModelHandle):
+    """The pool's runner for the handle's layout, with the handle's model loaded (a no-op when it already is)."""
+    with user_errors(f"loading {handle.path}", any_error=True):
+        runner = pool.get_runner(handle.layout, handle.device, handle.dtype)
+        runner.load(handle.key, handle.loader, path=handle.path)
+    return runner
+
+
+def run_stage(handle: ModelHandle, stage: str, inputs: dict[str, Any], node_id: str | None = None) -> Any:
+    """Run one stage of the handle's model. Progress events of rank 0 feed a ComfyUI progress bar of node_id; an
+    interrupt (the Cancel button, POST /interrupt) is passed to rank 0, which stops every rank at the same step
+    boundary, and then surfaces as ComfyUI's own interruption."""
+    runner = runner_for(handle)
+    bars: dict[str, comfy.utils.ProgressBar] = {}
+
+    def on_progress(what: str, done: int, total: int) -> None:
+        # The bar's global hook raises InterruptProcessingException, and clears the flag, when an interrupt is
+        # pending: raised here, it would abandon the request instead of letting rank 0 stop the group in step.
+        # So: no update while interrupted (should_cancel carries it), and a flag taken by a race is put back.
+        if mm.processing_interrupted():
+            return
+        bar = bars.get(what)
+        if bar is None:
+            bar = bars[what] = comfy.utils.ProgressBar(total, node_id=node_id)
+        try:
+            bar.update_absolute(done, total)
+        except mm.InterruptProcessingException:
+            mm.interrupt_current_processing(True)
+
+    try:
+        with user_errors(stage):
+            return runner.run(stage, handle.key, inputs, on_progress=on_progress,
+                              should_cancel=mm.processing_interrupted)
+    except Cancelled:
+        log.info("parallel_diffusion: %s interrupted", stage)
+        raise mm.InterruptProcessingException() from None
+
+
+@contextlib.contextmanager
+def user_errors(context: str | None = None, any_error: bool = False):
+    """Turn the runtime's refusals into ParallelDiffusionError with a readable message: no worker traceback (the
+    server log keeps it, as the exception's cause). any_error: every Exception, named by its type (loading a
+    model, where whatever fails is the folder's or the model's problem, not a bug of the node)."""
+    try:
+        yield
+    except ParallelDiffusionError:
+        raise
+    except USER_FACING as exc:
+        raise ParallelDiffusionError(user_message(exc, context)) from exc
+    except Exception as exc:
+        if not any_error:
+            raise
+        raise ParallelDiffusionError(user_message(exc, context)) from exc
+
+
+REMOTE_TRACEBACK = "Traceback (most recent call last)"  # what a worker's fatal error carries after its cause
+FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
+MAX_LINES = 12
+
+
+def user_message(exc: Exception, context: str | None = None) -> str:
+    """The cause without any traceback; where it was raised when the exception says nothing (e.g. a bare
+    AssertionError in a model's constructor); the runtime's own errors without their type name."""
+    text, _, remote_trace = str(exc).partition(REMOTE_TRACEBACK)
+    text = text.rstrip()
+    if not isinstance(exc, USER_FACING):
+        text = f"{type(exc).__name__}: {text}".rstrip()
+    frames = FRAME.findall(remote_trace) or [(f.filename, f.lineno, f.name)
+                                             for f in traceback.extract_tb(exc.__traceback__)]
+    if text.endswith(":") and frames:
+        path, line, function = frames[-1]
+        text += f" (raised in {function}, {os.path.basename(path)} line {line})"
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > MAX_LINES:
+        lines = lines[:MAX_LINES] + ["... (see the ComfyUI log for the rest)"]
+    text = "\n".join(lines)
+    if isinstance(exc, WorkerError) and not text.startswith("stage "):  # not a main-rank error: the group died
+        text += "\n(the worker group was stopped; the next prompt starts a new one)"
+    if context and not isinstance(exc, (ModelFolderError, LayoutError)) and not text.startswith("stage "):
+        text = f"{context}: {text}"
+    return text
+
+
+# -- ComfyUI's unload / free memory also frees our worker group --------------------------------------------------
+
+def install_release_hook() -> None:
+    """ComfyUI has no callback for freeing memory; its prompt worker calls
+    comfy.model_management.unload_all_models() through the module attribute for POST /free, the UI's "Unload
+    models" and after an out-of-memory error. Wrapping it once makes those stop our workers too (their GPUs are
+    invisible to ComfyUI's own memory accounting)."""
+    original = mm.unload_all_models
+    if getattr(original, "_parallel_diffusion_release", False):
+        return
+
+    def unload_all_models(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            try:
+                pool.release()
+            except Exception:  # noqa: BLE001 - freeing must never break ComfyUI's own unloading
+                log.exception("parallel_diffusion: releasing the worker group failed")
+
+    unload_all_models._parallel_diffusion_release = True
+    unload_all_models.__wrapped__ = original
+    mm.unload_all_models = unload_all_models

@@ -1,0 +1,123 @@
+"""Z-Image nodes: loader -> text encode -> denoise -> decode, one stage each (models/zimage/stages.py)."""
+from __future__ import annotations
+
+from ..models.zimage import pipeline as zimage
+from ..models.zimage.stages import PIPELINE, SIZE_MULTIPLE, check_size
+from . import runtime
+from .common import DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, loader_inputs, seed_input
+
+CATEGORY = "parallel_diffusion/Z-Image"
+MODEL = "PD_ZIMAGE"
+CONDITIONING = "PD_ZIMAGE_CONDITIONING"
+MODEL_INPUT = (MODEL, {"tooltip": "The Z-Image model from 'Z-Image Loader (parallel)'."})
+MAX_SIZE = 4096
+
+
+class ZImageLoader(LoaderBase):
+    RUNTIME_LOADER = zimage.LOADER
+    PIPELINE = PIPELINE
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = (LOADER_OUTPUT_TOOLTIP,)
+    DESCRIPTION = ("Loads a Z-Image model folder (diffusers layout) on a group of worker processes, one per GPU, "
+                   "that stay alive between prompts. The group is shared by every loader with the same GPUs, "
+                   "cfg_parallel and device settings; ComfyUI's 'Unload models' / 'Free memory' stops it.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return loader_inputs(PIPELINE, "Z-Image")
+
+
+class ZImageTextEncode:
+    CATEGORY = CATEGORY
+    FUNCTION = "encode"
+    RETURN_TYPES = (CONDITIONING,)
+    RETURN_NAMES = ("conditioning",)
+    OUTPUT_TOOLTIPS = ("The prompt's and the negative prompt's Qwen3 features, for 'Z-Image Denoise (parallel)'.",)
+    DESCRIPTION = ("Encodes the prompt (and the negative prompt, used only when guidance > 0) with Z-Image's Qwen3 "
+                   "text encoder, on the first GPU of the group.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                  "tooltip": "What the image shows."}),
+            "negative_prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
+                                           "tooltip": "What to steer away from; only used when guidance > 0 "
+                                                      "(Z-Image-Turbo runs with guidance 0)."}),
+        }}
+
+    def encode(self, model: runtime.ModelHandle, prompt: str, negative_prompt: str):
+        out = runtime.run_stage(model, "zimage.encode", {"prompts": [prompt], "negative_prompts": [negative_prompt]})
+        return ({"model": model.key, **out},)
+
+
+class ZImageDenoise:
+    CATEGORY = CATEGORY
+    FUNCTION = "denoise"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size), for 'Z-Image Decode "
+                       "(parallel)'.",)
+    DESCRIPTION = ("Generates the image latents: seeded noise, then the flow-matching denoising loop with the "
+                   "image's token sequence split across the GPUs. The result equals one GPU's.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        size = {"default": 1024, "min": SIZE_MULTIPLE, "max": MAX_SIZE, "step": SIZE_MULTIPLE}
+        return {
+            "required": {
+                "model": MODEL_INPUT,
+                "conditioning": (CONDITIONING, {"tooltip": "From 'Z-Image Text Encode (parallel)'."}),
+                "seed": seed_input("The noise seed; the same seed gives the same image on any number of GPUs."),
+                "steps": ("INT", {"default": zimage.DEFAULT_STEPS, "min": 1, "max": 1000,
+                                  "tooltip": "Denoising steps (Z-Image-Turbo: 8)."}),
+                "guidance": ("FLOAT", {"default": zimage.DEFAULT_GUIDANCE, "min": 0.0, "max": 30.0, "step": 0.1,
+                                       "round": 0.01,
+                                       "tooltip": "Classifier-free guidance scale; 0 turns it off (Z-Image-Turbo). "
+                                                  "Above 0 each step also runs the negative prompt."}),
+                "width": ("INT", {**size, "tooltip": f"Image width in pixels, a multiple of {SIZE_MULTIPLE}."}),
+                "height": ("INT", {**size, "tooltip": f"Image height in pixels, a multiple of {SIZE_MULTIPLE}."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Images generated together from one seed."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def denoise(self, model: runtime.ModelHandle, conditioning: dict, seed: int, steps: int, guidance: float,
+                width: int, height: int, batch_size: int, unique_id=None):
+        check_same_model(model, conditioning, "conditioning")
+        with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
+            check_size(height, width)
+            model.layout.check_branches(2 if guidance > 0 else 1)
+        latents = runtime.run_stage(model, "zimage.prepare",
+                                    {"batch": batch_size, "height": height, "width": width, "seed": seed})
+        embeds = {name: conditioning[name] * batch_size for name in ("prompt_embeds", "negative_prompt_embeds")}
+        latents = runtime.run_stage(model, "zimage.denoise",
+                                    {"latents": latents, "steps": steps, "guidance": guidance, **embeds},
+                                    node_id=unique_id)
+        return ({"samples": latents},)
+
+
+class ZImageDecode(DecodeBase):
+    CATEGORY = CATEGORY
+    STAGE = "zimage.decode"
+    MODEL_INPUT = MODEL_INPUT
+    LATENT_SOURCE = "Z-Image Denoise (parallel)"
+    DESCRIPTION = "Decodes Z-Image latents with the model's VAE, on the first GPU of the group."
+
+
+NODE_CLASS_MAPPINGS = {
+    "PDZImageLoader": ZImageLoader,
+    "PDZImageTextEncode": ZImageTextEncode,
+    "PDZImageDenoise": ZImageDenoise,
+    "PDZImageDecode": ZImageDecode,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "PDZImageLoader": "Z-Image Loader (parallel)",
+    "PDZImageTextEncode": "Z-Image Text Encode (parallel)",
+    "PDZImageDenoise": "Z-Image Denoise (parallel)",
+    "PDZImageDecode": "Z-Image Decode (parallel)",
+}
