@@ -49,7 +49,24 @@ class ZImageWorkload:
                 "steps": self.args.steps, "guidance": self.args.guidance}
 
 
-WORKLOADS = {"zimage": ZImageWorkload}
+class GlmImageWorkload:
+    """The real prepare stage (glyph text, seeded latents, shifted schedule), random AR tokens in the codebook."""
+    loader, prefix = "glm_image_random", "glm_image"
+
+    def __init__(self, args):
+        self.args = args
+        self.codebook = random_models.SCALES[args.scale]["glm_dit"]["prior_vq_quantizer_codebook_size"]
+
+    def inputs(self, runner, height: int, width: int) -> dict:
+        prepared = runner.run("glm_image.prepare", "bench", {
+            "prompt": 'a shop sign that says "OPEN"', "height": height, "width": width, "steps": self.args.steps,
+            "guidance": self.args.guidance, "seed": 0})
+        tokens = torch.randint(0, self.codebook, (1, (height // 16) * (width // 16)),
+                               generator=torch.Generator().manual_seed(0))
+        return {**prepared, "prior_token_ids": tokens, "guidance": self.args.guidance}
+
+
+WORKLOADS = {"zimage": ZImageWorkload, "glm_image": GlmImageWorkload}
 
 
 def main(argv=None) -> None:

@@ -30,7 +30,10 @@ from .worker import error_file, log_file
 DEFAULT_PLUGIN = "comfyui_parallel_diffusion.models"
 WORKER_MAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker_main.py")
 POLL_S = 0.05  # how soon the host notices a dead worker or a cancel while it waits for rank 0
-START_TIMEOUT_S = {"cpu": 60.0, "cuda": 180.0}  # CUDA adds context creation and NCCL set-up to the imports
+# CUDA adds context creation and NCCL set-up to the imports. CPU ranks share the cores, so their imports (torch,
+# diffusers, transformers: ~6 s of CPU each) queue up: the allowance grows with the rank count.
+START_TIMEOUT_S = {"cpu": 60.0, "cuda": 180.0}
+START_TIMEOUT_PER_RANK_S = {"cpu": 15.0, "cuda": 0.0}
 DEATH_GRACE_S = 5.0  # rank 0 closed the channel: how long it may take to exit and leave its error behind
 CLOSE_TIMEOUT_S = 10.0
 LOG_TAIL_LINES = 20
@@ -152,7 +155,7 @@ class WorkerGroup:
 
     def _wait_for_rank0(self) -> Channel:
         """Rank 0 connects once every rank has joined the process group and imported the plugin."""
-        timeout = START_TIMEOUT_S[self.device]
+        timeout = START_TIMEOUT_S[self.device] + START_TIMEOUT_PER_RANK_S[self.device] * self.layout.world_size
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -168,13 +168,14 @@ class HostLink:
 def _join_process_group(device: str, rank: int, world_size: int) -> torch.device:
     """NCCL on GPUs (Comm adds a gloo group for Python objects), gloo on CPU. The rendezvous address comes from
     MASTER_ADDR/MASTER_PORT, chosen by the host."""
+    # The ranks share the machine's cores; each using all of them would oversubscribe it (on GPU hosts too: the
+    # CPU-side work of a model then slows every rank down).
+    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     if device == "cuda":
         cuda = torch.device("cuda", rank)  # one host: the local rank is the rank
         torch.cuda.set_device(cuda)
         dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=cuda)
         return cuda
-    # The ranks share the machine's cores; each using all of them would oversubscribe it.
-    torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     return torch.device("cpu")
 

@@ -1,14 +1,12 @@
 """models/loading.py on the tiny Z-Image: good folders load, bad ones give one clear line; the tiny pipeline runs."""
 import hashlib
 import json
-import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
-from safetensors.torch import save_file
 from transformers import Qwen2Tokenizer, Qwen3Model
 
 from comfyui_parallel_diffusion.models.loading import (
@@ -16,7 +14,6 @@ from comfyui_parallel_diffusion.models.loading import (
     detect_pipeline,
     inspect_model_folder,
     load_component,
-    load_zimage_single_files,
 )
 from comfyui_parallel_diffusion.models.zimage.tiny import MARKER, build_tiny_zimage
 
@@ -212,101 +209,3 @@ def test_an_unlisted_component(tiny_zimage):
 def _edit_index(folder, **changes):
     index_file = folder / "model_index.json"
     index_file.write_text(json.dumps({**json.loads(index_file.read_text()), **changes}))
-
-
-# -- Z-Image from ComfyUI's single files ---------------------------------------------------------------------------
-# The tiny model is written in the original layouts (the reverse of diffusers' key conversions), then loaded back.
-
-@pytest.fixture(scope="module")
-def single_files(tiny_zimage, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("single_files")
-    files = {
-        "transformer_path": folder / "z_image_turbo_bf16.safetensors",
-        "text_encoder_path": folder / "qwen_3_4b.safetensors",
-        "vae_path": folder / "ae.safetensors",
-    }
-    transformer = ZImageTransformer2DModel.from_pretrained(tiny_zimage / "transformer")
-    save_file(_original_transformer_keys(transformer.state_dict()), files["transformer_path"])
-    text_encoder = Qwen3Model.from_pretrained(tiny_zimage / "text_encoder")
-    save_file({f"model.{k}": v for k, v in text_encoder.state_dict().items()}, files["text_encoder_path"])
-    vae = AutoencoderKL.from_pretrained(tiny_zimage / "vae")
-    save_file(_ldm_vae_keys(vae.state_dict(), len(vae.config.up_block_types)), files["vae_path"])
-    # Configs only, so a weight read from the folder instead of the single files would fail the test.
-    configs = shutil.copytree(tiny_zimage, folder / "configs", ignore=shutil.ignore_patterns("*.safetensors"))
-    # Like ComfyUI's qwen25_tokenizer: Qwen2.5's template, which adds a system prompt Z-Image must not see.
-    tokenizer = shutil.copytree(tiny_zimage / "tokenizer", folder / "qwen25_tokenizer")
-    template = tokenizer / "chat_template.jinja"
-    template.write_text("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n" + template.read_text())
-    return {**files, "config_folder": configs, "tokenizer_folder": tokenizer}
-
-
-def test_single_files_load_to_the_same_pipeline(single_files, pipeline):
-    components = load_zimage_single_files(**single_files, dtype=torch.float32)
-    ours = ZImagePipeline(**components)
-    ours.set_progress_bar_config(disable=True)
-    for name in ("transformer", "text_encoder", "vae"):
-        expected = getattr(pipeline, name).state_dict()
-        actual = components[name].state_dict()
-        assert actual.keys() == expected.keys()
-        assert all(torch.equal(actual[k], expected[k]) for k in expected), name
-    np.testing.assert_array_equal(generate(ours), generate(pipeline))
-
-
-def test_single_files_load_only_what_is_asked(single_files):
-    components = load_zimage_single_files(single_files["transformer_path"],
-                                          config_folder=single_files["config_folder"], dtype=torch.bfloat16)
-    assert set(components) == {"transformer", "scheduler"}
-    assert components["transformer"].dtype == torch.bfloat16
-
-
-def test_a_single_file_of_the_wrong_model_is_refused(single_files):
-    with pytest.raises(ModelFolderError, match="is not a ZImageTransformer2DModel checkpoint"):
-        load_zimage_single_files(single_files["vae_path"], config_folder=single_files["config_folder"])
-
-
-def test_a_pickle_single_file_is_refused(single_files, tmp_path):
-    checkpoint = tmp_path / "z_image.ckpt"
-    checkpoint.write_bytes(b"not read")
-    with pytest.raises(ModelFolderError, match="pickle is never loaded"):
-        load_zimage_single_files(checkpoint, config_folder=single_files["config_folder"])
-
-
-def _original_transformer_keys(state: dict) -> dict:
-    """diffusers -> original Z-Image keys, as in ComfyUI's file: q, k, v fused into qkv, a few renames."""
-    renames = [("all_final_layer.2-1.", "final_layer."), ("all_x_embedder.2-1.", "x_embedder."),
-               (".attention.to_out.0.", ".attention.out."), (".attention.norm_q.", ".attention.q_norm."),
-               (".attention.norm_k.", ".attention.k_norm.")]
-    original = {}
-    for key, value in state.items():
-        if ".attention.to_k." in key or ".attention.to_v." in key:
-            continue
-        if ".attention.to_q." in key:
-            qkv = [state[key.replace(".to_q.", f".to_{x}.")] for x in "qkv"]
-            original[key.replace(".to_q.", ".qkv.")] = torch.cat(qkv)
-            continue
-        for old, new in renames:
-            key = key.replace(old, new)
-        original[key] = value
-    return original
-
-
-def _ldm_vae_keys(state: dict, n_up: int) -> dict:
-    """diffusers -> original (LDM / Flux ae.safetensors) VAE keys; decoder blocks count the other way round and
-    the mid-block attention projections are 1x1 convolutions."""
-    def rename(key):
-        key = re.sub(r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block.", key)
-        key = re.sub(r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample.", key)
-        key = re.sub(r"up_blocks\.(\d+)\.resnets\.", lambda m: f"up.{n_up - 1 - int(m[1])}.block.", key)
-        key = re.sub(r"up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"up.{n_up - 1 - int(m[1])}.upsample.", key)
-        key = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m[1]) + 1}.", key)
-        key = key.replace("mid_block.attentions.0.", "mid.attn_1.")
-        for old, new in [("conv_shortcut", "nin_shortcut"), ("conv_norm_out", "norm_out"), ("group_norm", "norm"),
-                         ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]:
-            key = key.replace(old, new)
-        return key
-
-    original = {}
-    for key, value in state.items():
-        key = rename(key)
-        original[key] = value[:, :, None, None] if ".attn_1." in key and value.ndim == 2 else value
-    return original

@@ -4,7 +4,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.parallel import Layout, LocalRunner

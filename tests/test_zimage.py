@@ -75,6 +75,7 @@ LAYOUTS = {
     "ulysses4 (30-head style padding: 3 heads on 4 ranks)": Layout.for_world(4),
     "cfg2": Layout.for_world(2, cfg=2),
     "cfg2 x ulysses2": Layout.for_world(4, cfg=2),
+    "ulysses8 (3 heads padded to 8)": Layout.for_world(8),
 }
 
 

@@ -9,11 +9,23 @@ from pathlib import Path
 
 import torch
 
-from ..loading import ZIMAGE_CHAT_TEMPLATE
 
 # Bump when anything below changes, so existing builds are rebuilt instead of reused.
 TINY_ZIMAGE_VERSION = 1
 MARKER = "tiny_zimage_build.json"
+
+# What ZImagePipeline renders for one user message with enable_thinking=True, as Qwen3's own template does.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}"
+    "{%- endif %}"
+)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
@@ -94,7 +106,7 @@ def _tiny_tokenizer():
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
     for char in pre_tokenizers.ByteLevel.alphabet():
         vocab.setdefault(char, len(vocab))
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=ZIMAGE_CHAT_TEMPLATE)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=CHAT_TEMPLATE)
     tokenizer.add_tokens([AddedToken(token, special=True) for token in SPECIAL_TOKENS])
     return tokenizer
 

@@ -1,0 +1,366 @@
+"""GLM-Image's AR stage on one GPU: ms per sampled token, plain generate() against the fast path, in one run.
+
+    python3 bench/ar.py --out bench/results/glm_ar_h200.json                     # full size, CUDA, bf16
+    python3 bench/ar.py --scale tiny --device cpu --out /tmp/glm_ar_cpu.json      # checks the script itself
+
+The AR decoder is built at full size with random weights (text decoder hidden 4096, 40 layers, 32 heads / 2 KV
+heads, FFN 13696, vocab 168064, vision vocab 16512; matrices N(0, 0.02) from --seed; the vision tower small, as
+text-to-image never runs it) with the tiny AR's tokenizer and processor (token ids only need to be valid). A prompt
+of exactly --prompt-tokens tokens goes through the processor as the AR stage sends it (target grid large enough for
+--new-tokens decode positions), and both paths sample --new-tokens tokens with the AR stage's call (do_sample=True,
+the model's generation config, a per-token stopping criterion like the stage's progress report):
+
+  (a) plain   model.generate(), its default dynamic KV cache
+  (b) fast    models/glm_image/ar_decode.py: static KV cache, compiled (CUDA-graphed) decode step
+
+For each: the first call (for (b): compilation and CUDA-graph capture), then the median of --repeats timed calls after
+--warmup, all with the same seed; the prefill alone (1 new token) is timed too, so decode ms/token excludes it. The
+end token is set outside the sampled range, so every call samples exactly --new-tokens tokens.
+
+Agreement (bf16 on a GPU: compiled kernels round differently from eager ones, so exact equality is not expected):
+greedy decoding free-running (identical prefix), and teacher-forced (the fast path's argmax at every step given the
+plain path's greedy tokens, with the logit gap where they differ, and the top1-top2 gap for scale); sampled tokens:
+repeats with one seed identical per path, and the identical prefix between the paths.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, LogitsProcessor, LogitsProcessorList,
+                          StoppingCriteria, StoppingCriteriaList)
+
+from comfyui_parallel_diffusion.models.glm_image import ar_decode, tiny
+
+BENCH = Path(__file__).resolve().parent
+# GLM-Image's AR text decoder (shared/design.md); GLM-4 style: qkv bias, partial rotary 0.5, 3D rope 8/12/12
+FULL_TEXT = dict(hidden_size=4096, num_hidden_layers=40, num_attention_heads=32, num_key_value_heads=2, head_dim=128,
+                 intermediate_size=13696, vocab_size=168064, vision_vocab_size=16512, attention_bias=True,
+                 rms_norm_eps=1e-5, max_position_embeddings=131072,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12],
+                                  "partial_rotary_factor": 0.5})
+SMALL_VISION = dict(depth=1, hidden_size=64, num_heads=2, image_size=64, patch_size=16, intermediate_size=128,
+                    spatial_merge_size=1)
+SMALL_VQ = dict(embed_dim=16, num_embeddings=16384, latent_channels=64)
+TARGET_MS_PER_TOKEN, TARGET_SPEEDUP = 6.0, 4.0  # on an H200 (the issue)
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    started = time.perf_counter()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = Path(args.out or BENCH / "results" / f"glm_ar_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    processor, tokenizer = tiny._processor()
+    t0 = time.perf_counter()
+    model = _build(args.scale, tokenizer, device, dtype, args.seed, args.layers)
+    build_s = time.perf_counter() - t0
+    _sampling(model, args, tokenizer)
+    inputs = _inputs(processor, args.prompt_tokens, args.new_tokens, device)
+    compile_on = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
+    decoder = ar_decode.FastDecoder(model, compile=compile_on, backend=args.compile_backend,
+                                    mode=args.compile_mode or None)
+    gen = model.generation_config
+    result = {
+        "benchmark": "glm_image_ar", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+        "device": str(device), "gpu": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "transformers": transformers.__version__, "command": " ".join(sys.argv),
+        "model": {"scale": args.scale, "dtype": str(dtype).removeprefix("torch."),
+                  "text_decoder_params_b": round(_text_params(model) / 1e9, 3),
+                  "text_config": {k: getattr(model.config.text_config, k) for k in FULL_TEXT},
+                  "weights": (f"random: matrices N(0, 0.02), seed {args.seed}" if args.scale == "full"
+                              else "models/glm_image/tiny.py's"), "build_s": round(build_s, 1),
+                  "attn_implementation": model.config.text_config._attn_implementation},
+        "workload": {"batch": 1, "prompt_tokens": inputs["input_ids"].shape[1], "new_tokens": args.new_tokens,
+                     "grids": inputs["image_grid_thw"].tolist(), "seed": args.seed,
+                     "sampling": {"do_sample": True, "temperature": gen.temperature, "top_k": gen.top_k,
+                                  "top_p": gen.top_p, "eos_token_id": gen.eos_token_id}},
+        "targets": {"ms_per_token_max": TARGET_MS_PER_TOKEN, "speedup_min": TARGET_SPEEDUP},
+    }
+    bench = _Bench(model, decoder, inputs, args, device)
+
+    def save(phase):
+        result["phase_done"] = phase
+        result["elapsed_s"] = round(time.perf_counter() - started, 1)
+        if device.type == "cuda":
+            result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[{result['elapsed_s']:7.1f}s] {phase}", flush=True)
+
+    save("built")
+    result["plain_generate"], plain_tokens = bench.measure("plain")
+    save("plain timed")
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    result["fast"], fast_tokens = bench.measure("fast")
+    result["fast"].update(
+        compiled=bool(decoder.slots) and all(s.compiled for s in decoder.slots.values()),
+        compile_errors=decoder.compile_errors, cache_len=[s.length for s in decoder.slots.values()],
+        graph_breaks=dict(counters["graph_break"]), unique_graphs=counters["stats"].get("unique_graphs", 0),
+        compile=dict(enabled=compile_on, backend=args.compile_backend, mode=args.compile_mode))
+    plain, fast = result["plain_generate"], result["fast"]
+    result["speedup"] = round(plain["ms_per_token"] / fast["ms_per_token"], 2)
+    result["decode_speedup"] = round(plain["decode_ms_per_token"] / fast["decode_ms_per_token"], 2)
+    result["sampled"] = {"plain_vs_fast": _agreement(plain_tokens, fast_tokens)}
+    result["targets"].update(
+        ms_per_token_met=fast["ms_per_token"] <= TARGET_MS_PER_TOKEN, speedup_met=result["speedup"] >= TARGET_SPEEDUP)
+    save("fast timed")
+    print(f"plain {plain['ms_per_token']:.2f} ms/token, fast {fast['ms_per_token']:.2f} ms/token "
+          f"(first call {fast['first_call_s']:.1f} s): {result['speedup']:.2f}x", flush=True)
+
+    result["greedy"] = bench.greedy()
+    save("greedy checked")
+
+    if not (args.exact_layers or args.scale == "tiny"):
+        result["exact_float32"] = "skipped (--exact-layers 0)"
+    elif time.perf_counter() - started > args.exact_after_s:
+        result["exact_float32"] = f"skipped: {time.perf_counter() - started:.0f} s had passed (--exact-after-s)"
+    else:
+        result["exact_float32"] = _exactness(args, processor, tokenizer, device)
+        save("float32 exactness checked")
+    save("done")
+    print(json.dumps({k: result.get(k) for k in ("speedup", "decode_speedup", "greedy", "exact_float32", "targets")},
+                     indent=2))
+
+
+def _exactness(args, processor, tokenizer, device) -> dict:
+    """The same comparison in float32 (TF32 off), where rounding cannot flip an argmax: the full-width decoder with
+    --exact-layers layers, a fresh fast decoder (compiled as in the timed run), --exact-tokens tokens; greedy and
+    seeded sampling must give identical tokens on both paths."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    started = time.perf_counter()
+    model = _build(args.scale, tokenizer, device, torch.float32, args.seed, args.exact_layers)
+    _sampling(model, args, tokenizer)
+    new = args.exact_tokens
+    inputs = _inputs(processor, args.prompt_tokens, new, device)
+    compile_on = {"auto": device.type == "cuda", "on": True, "off": False}[args.compile]
+    decoder = ar_decode.FastDecoder(model, compile=compile_on, backend=args.compile_backend,
+                                    mode=args.compile_mode or None)
+    bench = _Bench(model, decoder, inputs, args, device)
+    out = {"layers": model.config.text_config.num_hidden_layers, "new_tokens": new, "dtype": "float32"}
+    for name, do_sample in (("greedy", False), ("sampled", True)):
+        plain = bench.call("plain", new, do_sample=do_sample)[1]
+        fast = bench.call("fast", new, do_sample=do_sample)[1]
+        out[name] = _agreement(plain, fast)
+    out["compiled"] = bool(decoder.slots) and all(s.compiled for s in decoder.slots.values())
+    out["compile_errors"] = decoder.compile_errors
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    return out
+
+
+class _Bench:
+    def __init__(self, model, decoder, inputs, args, device):
+        self.model, self.decoder, self.inputs, self.args, self.device = model, decoder, inputs, args, device
+        self.prompt = inputs["input_ids"].shape[1]
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def call(self, path: str, new: int, do_sample: bool = True, processors=()) -> tuple[float, torch.Tensor, int]:
+        """One AR request on `path`, seeded as the AR stage seeds it: (seconds, new tokens (1, n), stopping calls)."""
+        progress = _Progress()
+        kwargs = dict(max_new_tokens=new, do_sample=do_sample, stopping_criteria=StoppingCriteriaList([progress]))
+        if processors:
+            kwargs["logits_processor"] = LogitsProcessorList(processors)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.args.seed)
+            if self.device.type == "cuda":
+                torch.cuda.manual_seed(self.args.seed)
+            self.sync()
+            t0 = time.perf_counter()
+            if path == "plain":
+                out = self.model.generate(**self.inputs, **kwargs)
+            else:
+                out = self.decoder.generate(self.inputs, **kwargs)
+            self.sync()
+            seconds = time.perf_counter() - t0
+        return seconds, out[:, self.prompt:].cpu(), progress.calls
+
+    def measure(self, path: str) -> tuple[dict, torch.Tensor]:
+        new = self.args.new_tokens
+        first, tokens, calls = self.call(path, new)
+        if tokens.shape[1] != new or calls != new:
+            raise RuntimeError(f"{path}: {tokens.shape[1]} tokens and {calls} progress calls for {new} new tokens")
+        for _ in range(self.args.warmup):
+            self.call(path, new)
+        runs = [self.call(path, new) for _ in range(self.args.repeats)]
+        prefill = [self.call(path, 1)[0] for _ in range(self.args.repeats)]
+        seconds = [r[0] for r in runs]
+        median, prefill_median = statistics.median(seconds), statistics.median(prefill)
+        return {
+            "first_call_s": round(first, 3), "call_s": [round(s, 4) for s in seconds],
+            "median_call_s": round(median, 4), "ms_per_token": round(median / new * 1e3, 3),
+            "prefill_call_ms": round(prefill_median * 1e3, 2),
+            "decode_ms_per_token": round((median - prefill_median) / max(new - 1, 1) * 1e3, 3),
+            "progress_calls_per_request": calls,
+            "seeded_repeats_identical": all(torch.equal(r[1], tokens) for r in runs),
+        }, tokens
+
+    def greedy(self) -> dict:
+        new = self.args.new_tokens
+        _, plain, _ = self.call("plain", new, do_sample=False)
+        _, fast, _ = self.call("fast", new, do_sample=False)
+        teacher = _TeacherForcing(plain.to(self.device), self.prompt)
+        _, forced, _ = self.call("fast", new, do_sample=False, processors=[teacher])
+        argmax, gap, margin = (torch.stack(v, 1).cpu() for v in (teacher.argmax, teacher.gap, teacher.margin))
+        differ = argmax != plain
+        return {
+            "free_running": _agreement(plain, fast),
+            "teacher_forced": {
+                "steps": int(argmax.numel()), "agreement": round(float((~differ).float().mean()), 4),
+                "disagreements": int(differ.sum()),
+                "max_logit_gap_where_differ": round(float(gap[differ].max()), 4) if differ.any() else 0.0,
+                "median_top1_top2_margin": round(float(margin.median()), 4),
+                "forced_tokens_followed": bool(torch.equal(forced, plain)),
+            },
+        }
+
+
+class _Progress(StoppingCriteria):
+    """The AR stage's per-token progress criterion, without a host to report to: never stops generation."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _TeacherForcing(LogitsProcessor):
+    """Records the argmax of the scores it gets (and the gap to the reference token's score, and the top-2
+    margin), then forces the reference token: greedy decoding follows the reference, each step judged alone."""
+
+    def __init__(self, reference: torch.Tensor, prompt: int):
+        self.reference, self.prompt = reference, prompt
+        self.argmax, self.gap, self.margin = [], [], []
+
+    def __call__(self, input_ids, scores):
+        ref = self.reference[:, input_ids.shape[1] - self.prompt, None]
+        top2 = scores.topk(2, dim=-1).values
+        self.argmax.append(scores.argmax(-1))
+        self.gap.append(top2[:, 0] - scores.gather(1, ref).squeeze(1))
+        self.margin.append(top2[:, 0] - top2[:, 1])
+        return torch.full_like(scores, -math.inf).scatter_(1, ref, 0.0)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
+    same = (a == b).all(0)
+    differ = (~same).nonzero()
+    return {"identical": bool(same.all()), "identical_prefix": int(differ[0]) if len(differ) else int(same.numel()),
+            "equal_positions": round(float(same.float().mean()), 4)}
+
+
+def _build(scale: str, tokenizer, device: torch.device, dtype: torch.dtype, seed: int, layers: int | None = None):
+    if scale == "tiny":
+        with torch.random.fork_rng(devices=[]):
+            return tiny._ar_model(tokenizer).to(device, dtype).eval()
+    text = dict(FULL_TEXT, pad_token_id=tokenizer.pad_token_id, eos_token_id=FULL_TEXT["vision_vocab_size"])
+    if layers:
+        text["num_hidden_layers"] = layers
+    config = GlmImageConfig(
+        text_config=text,
+        vision_config=SMALL_VISION, vq_config=SMALL_VQ, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        image_start_token_id=tiny.IMAGE_START, image_end_token_id=tiny.IMAGE_END)
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):  # as from_pretrained(dtype=...) builds it: rope buffers float32
+        model = GlmImageForConditionalGeneration(config)
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:  # norms stay 1, biases 0, as the model's own initialisation leaves them
+                p.normal_(0.0, 0.02, generator=generator)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _sampling(model, args, tokenizer) -> None:
+    """The generation config the pipeline leaves to the checkpoint (diffusers passes only do_sample=True); the end
+    token outside the sampled range, so every request samples exactly --new-tokens tokens."""
+    gen = model.generation_config
+    gen.do_sample = True
+    gen.temperature = args.temperature
+    gen.top_k = args.top_k or None
+    gen.top_p = args.top_p if args.top_p < 1 else None
+    gen.bos_token_id = tiny.IMAGE_START
+    gen.eos_token_id = model.config.text_config.vision_vocab_size
+    gen.pad_token_id = tokenizer.pad_token_id
+
+
+def _inputs(processor, prompt_tokens: int, new_tokens: int, device: torch.device):
+    """A text-to-image request of exactly `prompt_tokens` tokens whose target grid holds `new_tokens` positions."""
+    side = 32 * math.ceil(math.sqrt(new_tokens))
+
+    def request(chars: int):
+        messages = [[{"role": "user", "content": [{"type": "text", "text": "x" * chars}]}]]
+        return processor.apply_chat_template(messages, tokenize=True, target_h=side, target_w=side,
+                                             return_dict=True, return_tensors="pt")
+
+    overhead = request(1)["input_ids"].shape[1] - 1  # chat template, size markers, image start: one id per char
+    if prompt_tokens <= overhead:
+        raise SystemExit(f"--prompt-tokens must be more than {overhead} (the chat template's own tokens)")
+    inputs = request(prompt_tokens - overhead)
+    assert inputs["input_ids"].shape[1] == prompt_tokens, inputs["input_ids"].shape
+    return inputs.to(device)
+
+
+def _text_params(model) -> int:
+    return sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=["full", "tiny"], default="full")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls (median)")
+    p.add_argument("--layers", type=int, help="full scale: this many decoder layers instead of 40 (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.9)
+    p.add_argument("--top-k", type=int, default=2048, help="0: off")
+    p.add_argument("--top-p", type=float, default=0.9, help="1: off")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    p.add_argument("--compile-backend", default="inductor")
+    p.add_argument("--compile-mode", default="reduce-overhead")
+    p.add_argument("--exact-layers", type=int, default=8,
+                   help="float32 exactness check on a full-width decoder of this many layers (0: skip)")
+    p.add_argument("--exact-tokens", type=int, default=64)
+    p.add_argument("--exact-after-s", type=float, default=210.0,
+                   help="skip the float32 check when the run has taken longer than this (keeps it near 5 minutes)")
+    p.add_argument("--out", help="JSON file (default bench/results/glm_ar_<gpu>.json)")
+    return p
+
+
+if __name__ == "__main__":
+    main()
