@@ -26,14 +26,13 @@ What makes it fast:
   token when not compiling) instead of repeating K and V 16x in the compiled graph.
 
 On CPU the AR stage keeps plain generate(); tests run this decoder there with compile=False (the same loop, cache and
-positions, eager). COMFYUI_PD_AR_FAST=0 turns the fast path off everywhere.
+positions, eager).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-import os
 import warnings
 
 import torch
@@ -44,7 +43,6 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger(__name__)
 
-ENV_SWITCH = "COMFYUI_PD_AR_FAST"  # "0": plain generate() on every device
 CACHE_BUCKET = 1024  # static cache lengths are multiples of this: few distinct shapes, hence few compilations
 PROBATION_STEPS = 3  # compiled steps that must have run (trace, CUDA-graph warm-up, capture, replay) before a failure
 #                      of the compiled step counts as an error rather than as a reason to decode eagerly
@@ -73,8 +71,8 @@ AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets, fo
 
 
 def enabled(device: torch.device | str) -> bool:
-    """Whether the AR stage takes the fast path on this device: CUDA, unless COMFYUI_PD_AR_FAST=0."""
-    return torch.device(device).type == "cuda" and os.environ.get(ENV_SWITCH, "1") != "0"
+    """Whether the AR stage takes the fast path on this device: CUDA (CPU keeps plain generate())."""
+    return torch.device(device).type == "cuda"
 
 
 def generate(model, inputs, **kwargs) -> torch.LongTensor:
