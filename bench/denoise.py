@@ -59,11 +59,10 @@ class GlmImageWorkload:
 
     def inputs(self, runner, height: int, width: int) -> dict:
         prepared = runner.run("glm_image.prepare", "bench", {
-            "prompt": 'a shop sign that says "OPEN"', "height": height, "width": width, "steps": self.args.steps,
-            "guidance": self.args.guidance, "seed": 0})
+            "prompt": 'a shop sign that says "OPEN"', "height": height, "width": width, "seed": 0})
         tokens = torch.randint(0, self.codebook, (1, (height // 16) * (width // 16)),
                                generator=torch.Generator().manual_seed(0))
-        return {**prepared, "prior_token_ids": tokens, "guidance": self.args.guidance}
+        return {**prepared, "prior_token_ids": tokens, "steps": self.args.steps, "guidance": self.args.guidance}
 
 
 WORKLOADS = {"zimage": ZImageWorkload, "glm_image": GlmImageWorkload}

@@ -1,9 +1,8 @@
-"""GLM-Image nodes: loader -> AR (prior tokens) -> denoise -> decode (models/glm_image/stages.py).
+"""GLM-Image nodes: loader -> AR (prior tokens) -> before denoising -> denoise -> decode, one stage each
+(models/glm_image/stages.py).
 
-The AR node is separate so that ComfyUI caches its prior tokens: changing the steps or the guidance reruns the
-denoising only, never the slow autoregressive sampling. The denoise node runs the stages glm_image.prepare
-(glyph embeddings, seeded noise, timesteps, condition-image latents: cheap, and it needs the steps and the
-guidance) and glm_image.denoise.
+Each node's output is a value ComfyUI caches: changing the steps or the guidance reruns the denoising only, never
+the slow autoregressive sampling nor the before-denoising stage.
 """
 from __future__ import annotations
 
@@ -15,6 +14,7 @@ from .common import DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_mo
 CATEGORY = "parallel_diffusion/GLM-Image"
 MODEL = "PD_GLM_IMAGE"
 PRIOR = "PD_GLM_IMAGE_PRIOR"
+PREPARED = "PD_GLM_IMAGE_PREPARED"
 MODEL_INPUT = (MODEL, {"tooltip": "The GLM-Image model from 'GLM-Image Loader (parallel)'."})
 MAX_SIZE = 4096
 IMAGE_INPUTS = ("image_1", "image_2", "image_3")
@@ -83,6 +83,32 @@ class GlmImageAR:
                  "condition_prior_token_ids": out["condition_prior_token_ids"]},)
 
 
+class GlmImagePrepare:
+    CATEGORY = CATEGORY
+    FUNCTION = "prepare"
+    RETURN_TYPES = (PREPARED,)
+    RETURN_NAMES = ("prepared",)
+    OUTPUT_TOOLTIPS = ("Glyph embeddings, seeded noise, size conditioning and condition-image latents, with the prior "
+                       "tokens, for 'GLM-Image Denoise (parallel)'.",)
+    DESCRIPTION = ("Before denoising, on every GPU: the prompt's quoted glyph texts through the glyph encoder, the "
+                   "seeded noise (the AR node's seed), the size conditioning and, for editing, the condition "
+                   "images' latents.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": MODEL_INPUT,
+            "prior": (PRIOR, {"tooltip": "From 'GLM-Image AR (parallel)'."}),
+        }}
+
+    def prepare(self, model: runtime.ModelHandle, prior: dict):
+        check_same_model(model, prior, "prior")
+        request = {name: prior[name] for name in ("prompt", "height", "width", "seed", "images")}
+        prepared = runtime.run_stage(model, "glm_image.prepare", request)
+        return ({"model": model.key, "request": request, "prior_token_ids": prior["prior_token_ids"],
+                 "condition_prior_token_ids": prior["condition_prior_token_ids"], **prepared},)
+
+
 class GlmImageDenoise:
     CATEGORY = CATEGORY
     FUNCTION = "denoise"
@@ -90,17 +116,15 @@ class GlmImageDenoise:
     RETURN_NAMES = ("latent",)
     OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size), for 'GLM-Image Decode "
                        "(parallel)'.",)
-    DESCRIPTION = ("Before denoising, every GPU prepares the glyph embeddings, the seeded noise, the timesteps and "
-                   "the condition-image latents; then the DiT denoises with the image's token sequence split "
-                   "across the GPUs (and the guidance branches across GPU halves with cfg_parallel). The result "
-                   "equals one GPU's.")
+    DESCRIPTION = ("The DiT denoising loop, with the image's token sequence split across the GPUs (and the guidance "
+                   "branches across GPU halves with cfg_parallel). The result equals one GPU's.")
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "model": MODEL_INPUT,
-                "prior": (PRIOR, {"tooltip": "From 'GLM-Image AR (parallel)'."}),
+                "prepared": (PREPARED, {"tooltip": "From 'GLM-Image Before Denoising (parallel)'."}),
                 "steps": ("INT", {"default": glm_image.DEFAULT_STEPS, "min": 1, "max": 1000,
                                   "tooltip": "Denoising steps (GLM-Image: 50)."}),
                 "guidance": ("FLOAT", {"default": glm_image.DEFAULT_GUIDANCE, "min": 0.0, "max": 30.0, "step": 0.1,
@@ -111,16 +135,13 @@ class GlmImageDenoise:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def denoise(self, model: runtime.ModelHandle, prior: dict, steps: int, guidance: float, unique_id=None):
-        check_same_model(model, prior, "prior")
-        request = {name: prior[name] for name in ("prompt", "height", "width", "seed", "images")}
+    def denoise(self, model: runtime.ModelHandle, prepared: dict, steps: int, guidance: float, unique_id=None):
+        check_same_model(model, prepared, "preparation")
         with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
-            glm_image.check_inputs(model.layout, **request, steps=steps, guidance=guidance)
-        prepared = runtime.run_stage(model, "glm_image.prepare", {**request, "steps": steps, "guidance": guidance})
-        latents = runtime.run_stage(model, "glm_image.denoise", {
-            **prepared, "prior_token_ids": prior["prior_token_ids"],
-            "condition_prior_token_ids": prior["condition_prior_token_ids"], "guidance": guidance},
-            node_id=unique_id)
+            glm_image.check_inputs(model.layout, **prepared["request"], steps=steps, guidance=guidance)
+        inputs = {k: v for k, v in prepared.items() if k not in ("model", "request")}
+        latents = runtime.run_stage(model, "glm_image.denoise", {**inputs, "steps": steps, "guidance": guidance},
+                                    node_id=unique_id)
         return ({"samples": latents},)
 
 
@@ -135,12 +156,14 @@ class GlmImageDecode(DecodeBase):
 NODE_CLASS_MAPPINGS = {
     "PDGlmImageLoader": GlmImageLoader,
     "PDGlmImageAR": GlmImageAR,
+    "PDGlmImagePrepare": GlmImagePrepare,
     "PDGlmImageDenoise": GlmImageDenoise,
     "PDGlmImageDecode": GlmImageDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PDGlmImageLoader": "GLM-Image Loader (parallel)",
     "PDGlmImageAR": "GLM-Image AR (parallel)",
+    "PDGlmImagePrepare": "GLM-Image Before Denoising (parallel)",
     "PDGlmImageDenoise": "GLM-Image Denoise (parallel)",
     "PDGlmImageDecode": "GLM-Image Decode (parallel)",
 }

@@ -129,7 +129,7 @@ OUR_NODES = {
     "PDZImageLoader": ["PD_ZIMAGE"], "PDZImageTextEncode": ["PD_ZIMAGE_CONDITIONING"],
     "PDZImageDenoise": ["LATENT"], "PDZImageDecode": ["IMAGE"],
     "PDGlmImageLoader": ["PD_GLM_IMAGE"], "PDGlmImageAR": ["PD_GLM_IMAGE_PRIOR"],
-    "PDGlmImageDenoise": ["LATENT"], "PDGlmImageDecode": ["IMAGE"],
+    "PDGlmImagePrepare": ["PD_GLM_IMAGE_PREPARED"], "PDGlmImageDenoise": ["LATENT"], "PDGlmImageDecode": ["IMAGE"],
 }
 EXAMPLES = {  # example file stem -> (denoise node class, AR node class or None)
     "z_image_text_to_image_2gpu": ("PDZImageDenoise", None),

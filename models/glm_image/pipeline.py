@@ -34,10 +34,11 @@ def generate(runner, model_key: str, *, prompt: str | list[str], height: int, wi
                        **progress)
     prepared = runner.run("glm_image.prepare", model_key,
                           {"prompt": prompts, "negative_prompt": negative_prompt, "height": height, "width": width,
-                           "steps": steps, "guidance": guidance, "seed": seed, "images": images})
+                           "seed": seed, "images": images})
     latents = runner.run("glm_image.denoise", model_key,
                          {**prepared, "prior_token_ids": prior["prior_token_ids"],
-                          "condition_prior_token_ids": prior["condition_prior_token_ids"], "guidance": guidance},
+                          "condition_prior_token_ids": prior["condition_prior_token_ids"], "steps": steps,
+                          "guidance": guidance},
                          **progress)
     decoded = runner.run("glm_image.decode", model_key, {"latents": latents})
     return decoded, latents

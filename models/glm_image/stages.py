@@ -5,7 +5,7 @@ reference tests hold it to that), and declares how it runs across ranks:
 
 - glm_image.ar       MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  rank 0 alone holds the ~10 B AR model and samples the prior
                                                         tokens; every rank receives them.
-- glm_image.prepare  REPLICATED                         glyph embeddings, seeded noise, timesteps, size
+- glm_image.prepare  REPLICATED                         glyph embeddings, seeded noise, size
                                                         conditioning and the condition-image latents: cheap and
                                                         deterministic, so every rank computes the same.
 - glm_image.denoise  SEQUENCE_PARALLEL | CFG_PARALLEL   the DiT loop: sharded by plan.py, guidance branches split
@@ -190,43 +190,46 @@ def upsample_token_ids(token_ids: torch.Tensor, grid_h: int, grid_w: int) -> tor
 # -- glm_image.prepare -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def prepare(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: int, width: int, steps: int,
-            guidance: float, seed: int, negative_prompt: str | list[str] | None = None,
-            images: list | None = None) -> dict[str, Any]:
-    """Everything the denoising loop takes besides the prior tokens, computed identically on every rank."""
+def prepare(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: int, width: int, seed: int,
+            negative_prompt: str | list[str] | None = None, images: list | None = None) -> dict[str, Any]:
+    """Everything the denoising loop takes besides the prior tokens and the step count, computed identically on
+    every rank. Independent of steps and guidance, so changing those reruns the denoising only."""
     check_size(height, width)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
     prompts = _prompts(prompt)
     batch, dev, dtype = len(prompts), ctx.device, ctx.dtype
+    # diffusers' uncond branch: the glyph texts of the negative prompt, "" by default; a one-token T5 pass, so it
+    # is made whether or not the guidance will use it
+    negative = _prompts(negative_prompt) if negative_prompt is not None else [""]
+    negative = negative * batch if len(negative) == 1 else negative
+    if len(negative) != batch:
+        raise ValueError(f"{batch} prompts but {len(negative)} negative prompts")
     out: dict[str, Any] = {"prompt_embeds": _glyph_embeds(model, prompts, dev, dtype).cpu(),
-                           "negative_prompt_embeds": None}
-    if guidance > 1:  # diffusers' uncond branch: the glyph texts of the negative prompt, "" by default
-        negative = _prompts(negative_prompt) if negative_prompt is not None else [""]
-        negative = negative * batch if len(negative) == 1 else negative
-        if len(negative) != batch:
-            raise ValueError(f"{batch} prompts but {len(negative)} negative prompts")
-        out["negative_prompt_embeds"] = _glyph_embeds(model, negative, dev, dtype).cpu()
+                           "negative_prompt_embeds": _glyph_embeds(model, negative, dev, dtype).cpu()}
 
     shape = (batch, model.transformer.config.in_channels, height // model.vae_scale_factor,
              width // model.vae_scale_factor)
     generator = torch.Generator("cpu").manual_seed(seed)
     out["latents"] = torch.randn(shape, generator=generator, dtype=dtype)  # diffusers' randn_tensor on the CPU
 
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
-    image_seq_len = (shape[2] * shape[3]) // model.transformer.config.patch_size ** 2
-    train_steps = scheduler.config.num_train_timesteps
-    timesteps = np.linspace(train_steps, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
-    mu = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
-                         scheduler.config.get("base_shift", 0.25), scheduler.config.get("max_shift", 0.75))
-    retrieve_timesteps(scheduler, steps, "cpu", timesteps, timesteps / train_steps, mu=mu)
-    out["timesteps"], out["sigmas"] = scheduler.timesteps.clone(), scheduler.sigmas.clone()
-
     out["target_size"] = torch.tensor([[height, width]], dtype=dtype).repeat(batch, 1)
     out["crop_coords"] = torch.tensor([[0, 0]], dtype=dtype).repeat(batch, 1)
     images = as_pil_images(images)
     out["condition_latents"] = _condition_latents(model, images, dev, dtype) if images else None
     return out
+
+
+def schedule(model: GlmImage, latents: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' GlmImagePipeline timesteps and sigmas, with the resolution-dependent shift."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
+    image_seq_len = (latents.shape[2] * latents.shape[3]) // model.transformer.config.patch_size ** 2
+    train_steps = scheduler.config.num_train_timesteps
+    timesteps = np.linspace(train_steps, 1.0, steps + 1)[:-1].astype(np.int64).astype(np.float32)
+    mu = calculate_shift(image_seq_len, scheduler.config.get("base_image_seq_len", 256),
+                         scheduler.config.get("base_shift", 0.25), scheduler.config.get("max_shift", 0.75))
+    retrieve_timesteps(scheduler, steps, "cpu", timesteps, timesteps / train_steps, mu=mu)
+    return scheduler.timesteps, scheduler.sigmas
 
 
 def glyph_texts(prompt: str) -> list[str]:
@@ -276,8 +279,8 @@ def _condition_latents(model: GlmImage, images: list[PIL.Image.Image], dev: torc
 
 @torch.no_grad()
 def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_token_ids: torch.Tensor,
-            prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor | None, timesteps: torch.Tensor,
-            sigmas: torch.Tensor, target_size: torch.Tensor, crop_coords: torch.Tensor, guidance: float,
+            prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor, steps: int,
+            target_size: torch.Tensor, crop_coords: torch.Tensor, guidance: float,
             condition_latents: list[torch.Tensor] | None = None,
             condition_prior_token_ids: list[torch.Tensor] | None = None) -> torch.Tensor:
     """The flow-matching Euler loop of diffusers' GlmImagePipeline: per step a conditional DiT call (reading the
@@ -285,8 +288,7 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     cache skipped). Returns the final latents (B, 16, H/8, W/8) on the CPU."""
     use_cfg = guidance > 1
     ctx.comm.layout.check_branches(2 if use_cfg else 1)
-    if use_cfg and negative_prompt_embeds is None:
-        raise ValueError("guidance > 1 needs negative_prompt_embeds (from glm_image.prepare with that guidance)")
+    timesteps, sigmas = schedule(model, latents, steps)
     editing = bool(condition_latents)
     if editing and (condition_prior_token_ids is None or len(condition_prior_token_ids) != len(condition_latents)):
         raise ValueError("editing needs one condition_prior_token_ids entry per condition latent")
