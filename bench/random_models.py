@@ -4,17 +4,25 @@ random weights on the GPU (speed does not depend on weight values; nothing can b
 Every rank seeds the same generator before drawing weights, so all ranks hold identical models, as they would
 after loading one checkpoint. Weights are N(0, 0.02) so activations stay finite in bf16 and parity can be
 measured on real numbers, not NaNs.
+
+The *_random loaders hold what the denoising benchmark needs; the *_random_pipeline loaders hold every component
+of the pipeline (bench/pipeline.py): Z-Image adds a Qwen3-4B-shaped text encoder with the tiny Z-Image tokenizer,
+GLM-Image the full-size AR decoder of bench/ar.py with the tiny GLM processor (rank 0 only). zimage_modules,
+glm_image_modules and glm_image_ar build the same modules (same seeds) outside a worker, for diffusers' own
+pipelines.
 """
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 from diffusers import AutoencoderKL, GlmImageTransformer2DModel, ZImageTransformer2DModel
-from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+from transformers import ByT5Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.glm_image import plan as glm_plan
+from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
 from comfyui_parallel_diffusion.models.glm_image.stages import GlmImage
 from comfyui_parallel_diffusion.models.zimage import tiny as zimage_tiny
 from comfyui_parallel_diffusion.models.zimage.plan import apply_sequence_parallel
@@ -35,14 +43,27 @@ GLYPH_T5 = dict(d_model=1472, d_kv=64, d_ff=3584, num_layers=12, num_heads=6, fe
 GLM_VAE = dict(FLUX_VAE, latents_mean=[0.0] * 16, latents_std=[1.0] * 16)
 GLM_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.25,
                      max_shift=0.75, base_image_seq_len=256, max_image_seq_len=4096, time_shift_type="linear")
+# Z-Image's text encoder: Qwen3-4B (shared/design.md); hidden_states[-2] feeds the DiT's cap_feat_dim 2560.
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 SCALES = {
-    "full": {"dit": ZIMAGE_DIT, "vae": FLUX_VAE, "glm_dit": GLM_DIT, "glyph": GLYPH_T5, "glm_vae": GLM_VAE},
+    "full": {"dit": ZIMAGE_DIT, "vae": FLUX_VAE, "glm_dit": GLM_DIT, "glyph": GLYPH_T5, "glm_vae": GLM_VAE,
+             "text": QWEN3_4B},
     "tiny": {"dit": zimage_tiny.TRANSFORMER_CONFIG, "vae": zimage_tiny.VAE_CONFIG,  # CPU smoke runs
              "glm_dit": dict(GLM_DIT, num_layers=2, attention_head_dim=8, num_attention_heads=3, text_embed_dim=32,
                              time_embed_dim=32, condition_dim=16, prior_vq_quantizer_codebook_size=64),
              "glyph": dict(GLYPH_T5, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4),
-             "glm_vae": dict(zimage_tiny.VAE_CONFIG, latents_mean=[0.0] * 16, latents_std=[1.0] * 16)},
+             "glm_vae": dict(zimage_tiny.VAE_CONFIG, latents_mean=[0.0] * 16, latents_std=[1.0] * 16),
+             "text": dict(QWEN3_4B, vocab_size=512, hidden_size=zimage_tiny.TEXT_HIDDEN, intermediate_size=96,
+                          num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1, head_dim=16,
+                          max_position_embeddings=1024)},
 }
+# The AR's sampling settings (bench/ar.py's defaults); the end token lies outside the sampled range, so every
+# request samples the whole grid, and tokens past the DiT's codebook are suppressed (a random AR would sample them:
+# the real one never does, and the DiT's embedding cannot take them).
+AR_SAMPLING = dict(temperature=0.9, top_k=2048, top_p=0.9)
+AR_SEED = 3
 
 
 def random_module(cls, config: dict, ctx, seed: int) -> torch.nn.Module:
@@ -55,30 +76,87 @@ def random_module(cls, config: dict, ctx, seed: int) -> torch.nn.Module:
     return module.eval()
 
 
+def zimage_modules(scale: str, device, dtype: torch.dtype, *, vae: bool = True, text: bool = False) -> dict:
+    """The random Z-Image modules: the DiT (seed 0), the VAE (seed 1), and with `text` the Qwen3 text encoder
+    (seed 3) and the tiny Z-Image tokenizer (byte-level: token ids are all it needs to supply)."""
+    shapes, at = SCALES[scale], _place(device, dtype)
+    out = {"transformer": random_module(ZImageTransformer2DModel, shapes["dit"], at, seed=0)}
+    if vae:
+        out["vae"] = random_module(AutoencoderKL, shapes["vae"], at, seed=1)
+    if text:
+        out["tokenizer"] = zimage_tiny._tiny_tokenizer()
+        config = dict(shapes["text"], vocab_size=max(shapes["text"]["vocab_size"], len(out["tokenizer"])))
+        out["text_encoder"] = random_module(lambda **c: Qwen3Model(Qwen3Config(**c)), config, at, seed=3)
+    return out
+
+
+def glm_image_modules(scale: str, device, dtype: torch.dtype) -> dict:
+    """The random GLM-Image DiT (seed 0), glyph encoder (seed 1) with ByT5's tokenizer, and VAE (seed 2)."""
+    shapes, at = SCALES[scale], _place(device, dtype)
+    tokenizer = ByT5Tokenizer()
+    return {
+        "transformer": random_module(GlmImageTransformer2DModel, shapes["glm_dit"], at, seed=0),
+        "text_encoder": random_module(lambda **c: T5EncoderModel(T5Config(vocab_size=len(tokenizer), **c)),
+                                      shapes["glyph"], at, seed=1),
+        "tokenizer": tokenizer,
+        "vae": random_module(AutoencoderKL, shapes["glm_vae"], at, seed=2),
+    }
+
+
+def glm_image_ar(scale: str, device, dtype: torch.dtype):
+    """(AR model, processor): bench/ar.py's decoder (full: hidden 4096, 40 layers, vocab 168064, vision vocab
+    16512, random N(0, 0.02), seed AR_SEED; tiny: models/glm_image/tiny.py's) with the tiny GLM processor."""
+    import ar as ar_bench  # bench/ar.py: on the path wherever this plugin is
+
+    processor, tokenizer = glm_tiny._processor()
+    model = ar_bench._build(scale, tokenizer, torch.device(device), dtype, AR_SEED)
+    gen = model.generation_config
+    if scale != "tiny":  # as bench/ar.py builds it; the tiny AR carries its own generation config
+        gen.do_sample = True
+        gen.temperature, gen.top_k, gen.top_p = AR_SAMPLING["temperature"], AR_SAMPLING["top_k"], AR_SAMPLING["top_p"]
+        gen.bos_token_id = glm_tiny.IMAGE_START
+        gen.eos_token_id = model.config.text_config.vision_vocab_size  # lm_head has vision_vocab_size outputs
+        gen.pad_token_id = tokenizer.pad_token_id
+    codebook = SCALES[scale]["glm_dit"]["prior_vq_quantizer_codebook_size"]
+    vocab = model.config.text_config.vision_vocab_size
+    gen.suppress_tokens = list(range(codebook, vocab)) if vocab > codebook else None
+    return model, processor
+
+
 def load_zimage(ctx, *, scale: str) -> ZImage:
-    shapes = SCALES[scale]
-    transformer = random_module(ZImageTransformer2DModel, shapes["dit"], ctx, seed=0)
-    apply_sequence_parallel(transformer, ctx.comm)
-    model = ZImage(transformer, dict(zimage_tiny.SCHEDULER_CONFIG))
-    if ctx.is_main:
-        model.vae = random_module(AutoencoderKL, shapes["vae"], ctx, seed=1)
+    modules = zimage_modules(scale, ctx.device, ctx.dtype, vae=ctx.is_main)
+    apply_sequence_parallel(modules["transformer"], ctx.comm)
+    model = ZImage(modules["transformer"], dict(zimage_tiny.SCHEDULER_CONFIG))
+    model.vae = modules.get("vae")
     return model
+
+
+def load_zimage_pipeline(ctx, *, scale: str) -> ZImage:
+    """Every component: the DiT on every rank; text encoder, tokenizer and VAE on rank 0 (as models/zimage loads)."""
+    modules = zimage_modules(scale, ctx.device, ctx.dtype, vae=ctx.is_main, text=ctx.is_main)
+    apply_sequence_parallel(modules["transformer"], ctx.comm)
+    return ZImage(scheduler_config=dict(zimage_tiny.SCHEDULER_CONFIG), **modules)
 
 
 def load_glm_image(ctx, *, scale: str) -> GlmImage:
     """The DiT, glyph encoder and VAE that prepare/denoise/decode use; the AR model is benchmarked in bench/ar.py."""
-    shapes = SCALES[scale]
-    tokenizer = ByT5Tokenizer()
-    model = GlmImage(
-        transformer=random_module(GlmImageTransformer2DModel, shapes["glm_dit"], ctx, seed=0),
-        text_encoder=random_module(lambda **c: T5EncoderModel(T5Config(vocab_size=len(tokenizer), **c)),
-                                   shapes["glyph"], ctx, seed=1),
-        tokenizer=tokenizer,
-        vae=random_module(AutoencoderKL, shapes["glm_vae"], ctx, seed=2),
-        scheduler_config=dict(GLM_SCHEDULER),
-    )
+    model = GlmImage(**glm_image_modules(scale, ctx.device, ctx.dtype), scheduler_config=dict(GLM_SCHEDULER))
     model.sp_hooks = glm_plan.apply_sequence_parallel(model.transformer, ctx.comm)
     return model
+
+
+def load_glm_image_pipeline(ctx, *, scale: str) -> GlmImage:
+    """Every component: load_glm_image's on every rank, the AR model and its processor on rank 0 (as
+    models/glm_image loads)."""
+    model = load_glm_image(ctx, scale=scale)
+    if ctx.is_main:
+        model.vision_language_encoder, model.processor = glm_image_ar(scale, ctx.device, ctx.dtype)
+    return model
+
+
+def _place(device, dtype: torch.dtype) -> SimpleNamespace:
+    """What random_module reads of a StageContext, for building outside a worker."""
+    return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
 
 def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
@@ -104,4 +182,6 @@ def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
 
 STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile)}
 LOADERS = {**models.LOADERS, "zimage_random": Loader("zimage_random", load_zimage),
-           "glm_image_random": Loader("glm_image_random", load_glm_image)}
+           "glm_image_random": Loader("glm_image_random", load_glm_image),
+           "zimage_random_pipeline": Loader("zimage_random_pipeline", load_zimage_pipeline),
+           "glm_image_random_pipeline": Loader("glm_image_random_pipeline", load_glm_image_pipeline)}
