@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random-weight pipelines, built once per test session into a temporary folder."""
 import pytest
+import torch
+from comfyui_server import comfyui  # noqa: F401  the session fixture of the ComfyUI end-to-end tests
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +18,13 @@ def tiny_glm_image(tmp_path_factory):
     from comfyui_parallel_diffusion.models.glm_image.tiny import build_tiny_glm_image
 
     return build_tiny_glm_image(tmp_path_factory.mktemp("tiny_glm_image"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from intra-op threads; on a shared 2-core host OpenMP's spinning threads made them
+    10-20x slower (the tiny AR decodes ~260 tokens one by one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from comfyui_server import (NODE_FOLDER_NAME, REPO_ROOT, PromptRejected, comfyui,  # noqa: E402,F401
-                            load_workflow)  # comfyui: the session fixture
+from comfyui_server import NODE_FOLDER_NAME, REPO_ROOT, PromptRejected, load_workflow  # noqa: E402
 
 
 def test_server_starts_and_sees_extension(comfyui):
@@ -252,10 +251,10 @@ def test_example_workflow_runs_on_two_ranks(server, stem):
     print(f"{stem}: {time.monotonic() - started:.1f} s")
 
 
-def test_interrupt_mid_denoise_keeps_the_worker_group(server):
-    before = workers(server)
-    assert len(before) == 2
-    prompt, ids = example_prompt(server, "z_image_text_to_image_2gpu", steps=200, tag="_interrupted")
+def interrupt_mid_denoise(server, gpus: int, tag: str) -> tuple[dict, int]:
+    """Queue a 200-step Z-Image run, interrupt it after two steps, and check ComfyUI reports an interruption (not an
+    error) before all steps ran. Returns the history entry and the number of steps that ran."""
+    prompt, ids = example_prompt(server, "z_image_text_to_image_2gpu", gpus=gpus, steps=200, tag=tag)
     denoise = ids["PDZImageDenoise"]
     prompt_id = server.queue(prompt)
     wait_for_progress(server, prompt_id, denoise, 2)
@@ -265,6 +264,13 @@ def test_interrupt_mid_denoise_keeps_the_worker_group(server):
     assert "execution_interrupted" in kinds and "execution_error" not in kinds, entry["status"]
     steps_done = len(progress(events, denoise))
     assert steps_done < 200
+    return entry, steps_done
+
+
+def test_interrupt_mid_denoise_keeps_the_worker_group(server):
+    before = workers(server)
+    assert len(before) == 2
+    entry, steps_done = interrupt_mid_denoise(server, gpus=2, tag="_interrupted")
     assert "zimage.denoise interrupted" in server.log_text()  # stopped by rank 0 (Cancelled), not abandoned
     assert not entry["outputs"]  # neither the image nor the latents were saved
     # The same processes serve the next prompt (a new seed, so the denoising really runs again).
@@ -355,14 +361,6 @@ def test_one_rank_gives_the_two_rank_result(server, stem):
 
 def test_interrupt_on_one_rank(server):
     """With gpus 1 the stages run in ComfyUI's own process; Cancel stops them at a step boundary too."""
-    prompt, ids = example_prompt(server, "z_image_text_to_image_2gpu", gpus=1, steps=200, tag="_1rank_interrupted")
-    denoise = ids["PDZImageDenoise"]
-    prompt_id = server.queue(prompt)
-    wait_for_progress(server, prompt_id, denoise, 2)
-    server.interrupt()
-    entry, events = server.wait(prompt_id, timeout=60)
-    kinds = [m[0] for m in entry["status"]["messages"]]
-    assert "execution_interrupted" in kinds and "execution_error" not in kinds, entry["status"]
-    assert len(progress(events, denoise)) < 200
+    interrupt_mid_denoise(server, gpus=1, tag="_1rank_interrupted")
     prompt, _ = example_prompt(server, "z_image_text_to_image_2gpu", gpus=1, seed=4, tag="_1rank_after")
     run_ok(server, prompt)

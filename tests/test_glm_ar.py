@@ -16,12 +16,7 @@ from comfyui_parallel_diffusion.parallel import Cancelled, LocalRunner
 MAX_NEW_TOKENS = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -41,13 +41,7 @@ def _generate(runner, key, case, seed=SEED, **progress):
     return glm.generate(runner, key, steps=STEPS, seed=seed, **case, **progress)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny AR decodes ~260 tokens one by one: two OpenMP threads on two busy cores make that 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
