@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -337,6 +338,32 @@ def test_free_memory_stops_the_workers_and_the_next_prompt_restarts_them(server)
     assert "execution_cached" in [e["type"] for e in events]
     after = workers(server)
     assert len(after) == 2 and not after & before
+
+
+def rank_of(pid: int) -> int:
+    """A worker's rank, from the environment the host started it with."""
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=", 1)[1])
+
+
+def test_a_killed_worker_is_an_execution_error_and_the_next_prompt_works(server):
+    prompt, ids = example_prompt(server, "z_image_text_to_image_2gpu", steps=200, tag="_killed")
+    denoise = ids["PDZImageDenoise"]
+    prompt_id = server.queue(prompt)
+    wait_for_progress(server, prompt_id, denoise, 2)
+    victim = next(pid for pid in workers(server) if rank_of(pid) == 1)
+    os.kill(victim, signal.SIGKILL)
+    entry, _ = server.wait(prompt_id, timeout=60)
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_id"] == denoise, entry["status"]
+    message = errors[0]["exception_message"]
+    assert "rank 1" in message and "Traceback" not in message, message
+    # The server is healthy and the next prompt runs on a fresh group.
+    prompt, _ = example_prompt(server, "z_image_text_to_image_2gpu", seed=5, tag="_after_kill")
+    run_ok(server, prompt, timeout=150)
+    after = workers(server)
+    assert len(after) == 2 and victim not in after
+    print(f"killed rank 1 mid-denoise: {message.splitlines()[0]}")
 
 
 @pytest.mark.parametrize("stem", list(EXAMPLES))
