@@ -7,9 +7,9 @@ measured on real numbers, not NaNs.
 
 The *_random loaders hold what the denoising benchmark needs; the *_random_pipeline loaders hold every component
 of the pipeline (bench/pipeline.py): Z-Image adds a Qwen3-4B-shaped text encoder with the tiny Z-Image tokenizer,
-GLM-Image the full-size AR decoder of bench/ar.py with the tiny GLM processor (rank 0 only). zimage_modules,
-glm_image_modules and glm_image_ar build the same modules (same seeds) outside a worker, for diffusers' own
-pipelines.
+GLM-Image the full-size AR decoder of bench/ar.py with the tiny GLM processor (placed as models/glm_image places
+it). zimage_modules, glm_image_modules and glm_image_ar build the same modules (same seeds) outside a worker, for
+diffusers' own pipelines.
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from transformers import ByT5Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5Enc
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.glm_image import plan as glm_plan
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
+from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
 from comfyui_parallel_diffusion.models.glm_image.stages import GlmImage
 from comfyui_parallel_diffusion.models.zimage import tiny as zimage_tiny
 from comfyui_parallel_diffusion.models.zimage.plan import apply_sequence_parallel
@@ -145,12 +146,13 @@ def load_glm_image(ctx, *, scale: str) -> GlmImage:
     return model
 
 
-def load_glm_image_pipeline(ctx, *, scale: str) -> GlmImage:
-    """Every component: load_glm_image's on every rank, the AR model and its processor on rank 0 (as
-    models/glm_image loads)."""
+def load_glm_image_pipeline(ctx, *, scale: str, ar_tensor_parallel: bool | None = None) -> GlmImage:
+    """Every component: load_glm_image's on every rank; the AR model and its processor as models/glm_image loads
+    them (sharded over every rank, by default on several GPUs; else on rank 0), its decode step compiled."""
     model = load_glm_image(ctx, scale=scale)
-    if ctx.is_main:
-        model.vision_language_encoder, model.processor = glm_image_ar(scale, ctx.device, ctx.dtype)
+    model.ar_tensor_parallel = glm_stages.wants_ar_tensor_parallel(ctx, ar_tensor_parallel)
+    if ctx.is_main or model.ar_tensor_parallel:
+        glm_stages.attach_ar(ctx, model, *glm_image_ar(scale, ctx.device, ctx.dtype))
     return model
 
 

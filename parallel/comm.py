@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from .layout import Layout
 
@@ -44,6 +45,10 @@ class Comm:
     def group_size(self, name: str) -> int:
         return {"cfg": self.layout.cfg, "ulysses": self.layout.ulysses, "ring": self.layout.ring,
                 "sp": self.layout.sp, "world": self.layout.world_size}[name]
+
+    def group_rank(self, name: str) -> int:
+        """This rank's index within its group `name`."""
+        return self._groups[name][1].index(self.rank) if name in self._groups else 0
 
     def _make_groups(self) -> None:
         lay = self.layout
@@ -102,3 +107,27 @@ class Comm:
         out = torch.empty_like(tensor)
         dist.all_to_all_single(out, tensor, group=pg)
         return out
+
+    def all_reduce(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
+        """The elementwise sum over the group, on every member (a functional collective: torch.compile traces it
+        into the graph, so a compiled tensor-parallel step keeps its reductions inside one CUDA graph)."""
+        if self.group_size(group) == 1:
+            return tensor
+        return funcol.all_reduce(tensor, "sum", self._process_group(group))
+
+    def all_gather_last(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
+        """Concatenate every member's equally-shaped tensor along the last dim (functional, as all_reduce)."""
+        if self.group_size(group) == 1:
+            return tensor
+        gathered = funcol.all_gather_tensor(tensor.contiguous(), 0, self._process_group(group))
+        return torch.cat(gathered.chunk(self.group_size(group)), dim=-1)
+
+    def broadcast(self, tensor: torch.Tensor, group: str, src: int = 0) -> torch.Tensor:
+        """Member `src`'s tensor (by group rank), on every member; the device never waits for the host."""
+        if self.group_size(group) == 1:
+            return tensor
+        return funcol.broadcast(tensor.contiguous(), self._groups[group][1][src], self._process_group(group))
+
+    def _process_group(self, group: str):
+        pg, _ = self._groups[group]
+        return pg if pg is not None else dist.group.WORLD

@@ -11,7 +11,8 @@ class MainRankError(Exception):
 
 
 def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
-    if Parallelism.MAIN_RANK_ONLY in stage.parallelism:
+    parallelism = stage.parallelism_for(model)
+    if Parallelism.MAIN_RANK_ONLY in parallelism:
         if not ctx.is_main:
             return None
         try:
@@ -20,7 +21,7 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
             raise
         except Exception as exc:  # no other rank waits on this one, so the group stays healthy
             raise MainRankError(f"stage {stage.name} failed on rank 0: {type(exc).__name__}: {exc}") from exc
-    if Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS in stage.parallelism:
+    if Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS in parallelism:
         outcome: tuple[str, Any] = ("ok", None)
         if ctx.is_main:
             try:
@@ -35,6 +36,6 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
         if status == "error":
             raise MainRankError(f"stage {stage.name} failed on rank 0: {value}")
         return value
-    # REPLICATED, SEQUENCE_PARALLEL and CFG_PARALLEL all run on every rank; the sharding lives in the model's
-    # sequence-parallel plan and in parallel.cfg, which read ctx.comm.
+    # REPLICATED, SEQUENCE_PARALLEL, CFG_PARALLEL and TENSOR_PARALLEL all run on every rank; the sharding lives in
+    # the model's parallel plans and in parallel.cfg, which read ctx.comm.
     return stage.fn(ctx, model, **inputs)

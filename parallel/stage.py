@@ -17,13 +17,19 @@ class Parallelism(enum.Flag):
     MAIN_RANK_ONLY_AND_SEND_TO_OTHERS = enum.auto()  # rank 0 runs it; its result is broadcast to every rank
     SEQUENCE_PARALLEL = enum.auto()  # every rank runs it on its shard of the token sequence
     CFG_PARALLEL = enum.auto()  # guidance branches run on different rank groups, combined once per step
+    TENSOR_PARALLEL = enum.auto()  # every rank runs it on its shard of the weights, in step; rank 0 decides what
+    #                                is sampled, so every rank returns rank 0's result
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    parallelism: Parallelism
+    # or model -> Parallelism, where it depends on how the model was loaded (sharded or on rank 0 alone)
+    parallelism: Parallelism | Callable[[Any], Parallelism]
     fn: Callable[..., Any]  # fn(ctx, model, **inputs) -> result (plain CPU values when it is the last stage run)
+
+    def parallelism_for(self, model: Any) -> Parallelism:
+        return self.parallelism if isinstance(self.parallelism, Parallelism) else self.parallelism(model)
 
 
 @dataclass(frozen=True)

@@ -208,9 +208,13 @@ def test_compiled_step_failing_after_probation_is_an_error(ar):
         _both(ar, decoder, CASES["t2i"], do_sample=True)
 
 
-def test_fast_path_is_for_cuda():
-    assert not ar_decode.enabled("cpu")
-    assert ar_decode.enabled("cuda")
+def test_fast_path_is_for_cuda_and_tensor_parallel(ar):
+    class OnCuda:
+        device = torch.device("cuda")
+
+    assert not ar_decode.enabled(ar[0])  # one CPU process: plain generate()
+    assert ar_decode.enabled(OnCuda())
+    assert ar_decode.enabled(ar[0], comm=object())  # tensor-parallel: only the fast loop broadcasts the tokens
 
 
 def test_ar_stage_through_the_fast_path(tiny_glm_image, monkeypatch):
@@ -220,7 +224,7 @@ def test_ar_stage_through_the_fast_path(tiny_glm_image, monkeypatch):
     request = {"prompt": ["a red house", "a dog"], "height": 64, "width": 96, "seed": 3, "images": None}
     plain_events, fast_events = [], []
     plain = runner.run("glm_image.ar", "g", request, on_progress=lambda *e: plain_events.append(e))
-    monkeypatch.setattr(ar_decode, "enabled", lambda device: True)
+    monkeypatch.setattr(ar_decode, "enabled", lambda model, comm=None: True)
     fast = runner.run("glm_image.ar", "g", request, on_progress=lambda *e: fast_events.append(e))
     vle = runner.models["g"][1].vision_language_encoder
     assert isinstance(vle.__dict__.get(ar_decode._ATTR), ar_decode.FastDecoder)  # it did take the fast path

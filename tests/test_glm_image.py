@@ -252,13 +252,49 @@ def test_parallel_equals_single_process(tiny_glm_image, single, name):
                                                           per_rank[0]["condition_prior_token_ids"]))
         assert per_rank[0]["prior_token_ids"].shape == (1, (64 // 16) * (96 // 16))
 
-        # A cancel while rank 0 samples stops every rank, and the group serves the next request.
-        events = []
-        with pytest.raises(Cancelled) as stop:
-            _generate(group, "g", CASES["t2i portrait"], on_progress=lambda *e: events.append(e),
-                      should_cancel=lambda: bool(events))
-        assert events[0][0] == "tokens" and stop.value.step < stop.value.total
-        _, latents = _generate(group, "g", CASES["t2i portrait"])
-        assert (latents - single("t2i portrait")[1]).abs().max().item() <= PARALLEL_TOLERANCE
+        _cancel_while_sampling_stops_every_rank(group, single)
+    finally:
+        group.close()
+
+
+def _cancel_while_sampling_stops_every_rank(group, single):
+    """A cancel while the AR samples stops every rank, and the group serves the next request."""
+    events = []
+    with pytest.raises(Cancelled) as stop:
+        _generate(group, "g", CASES["t2i portrait"], on_progress=lambda *e: events.append(e),
+                  should_cancel=lambda: bool(events))
+    assert events[0][0] == "tokens" and (stop.value.step, stop.value.total) == (1, events[0][2])  # in the AR
+    _, latents = _generate(group, "g", CASES["t2i portrait"])
+    assert (latents - single("t2i portrait")[1]).abs().max().item() <= PARALLEL_TOLERANCE
+
+
+TENSOR_PARALLEL_LAYOUTS = {
+    "2 ranks (4 heads, 2 KV heads)": Layout.for_world(2),
+    "cfg2 x ulysses2, AR over 4 ranks (KV heads replicated)": Layout.for_world(4, cfg=2),
+}
+
+
+@pytest.mark.parametrize("name", TENSOR_PARALLEL_LAYOUTS)
+def test_tensor_parallel_ar_equals_single_process(tiny_glm_image, local, single, name):
+    """The AR decoder sharded over every rank, rank 0 deciding each token: the same tokens and images as one
+    process, for every case; a cancel stops all ranks together and the group goes on."""
+    layout = TENSOR_PARALLEL_LAYOUTS[name]
+    group = WorkerGroup(layout, "cpu", torch.float32)
+    try:
+        group.load("g", "glm_image", path=tiny_glm_image, ar_tensor_parallel=True)
+        for case_name, case in CASES.items():
+            if layout.cfg > 1 and case["guidance"] <= 1:
+                continue
+            images, latents = _generate(group, "g", case)
+            ref_images, ref_latents = single(case_name)
+            assert (latents - ref_latents).abs().max().item() <= PARALLEL_TOLERANCE, case_name
+            assert (images - ref_images).abs().max().item() <= 1e-3, case_name
+        case = CASES["t2i batch of 2"]
+        request = {"prompt": case["prompt"], "height": 64, "width": 64, "seed": SEED, "images": None}
+        per_rank = group.run("glm_image.ar", "g", request, collect="all")
+        reference = local.run("glm_image.ar", "g", request)["prior_token_ids"]
+        for result in per_rank:
+            assert torch.equal(result["prior_token_ids"], reference)
+        _cancel_while_sampling_stops_every_rank(group, single)
     finally:
         group.close()

@@ -22,11 +22,16 @@ What makes it fast:
 - No host-device synchronisation per token: "all sequences finished" is copied to the host asynchronously and read
   after the next step has been queued, so the GPU always has the next decode step in its queue (like transformers'
   DeferredStopCheck, without undoing anything: a stop only discards a queued forward, no token, no random draw).
-- Decode attention packs the 32 query heads onto the 2 KV heads (what transformers' SDPA path does for one query
-  token when not compiling) instead of repeating K and V 16x in the compiled graph.
+- Decode attention packs the 32 query heads onto the 2 KV heads and is written as matmul-softmax-matmul
+  (_packed_gqa_sdpa): K and V are read once, by kernels that spread over the cache, not by one SDPA block per KV head.
 
-On CPU the AR stage keeps plain generate(); tests run this decoder there with compile=False (the same loop, cache and
-positions, eager).
+Tensor parallel (plan.apply_ar_tensor_parallel has sharded the decoder over a group): every rank runs this loop in
+step, its reductions inside the compiled step, and after each sampling rank 0's tokens are broadcast on the device,
+so rank 0 alone decides what is sampled and every rank feeds the same token to the next step.
+
+warm_up() compiles and captures the decode step for a request shape before the first request (the AR stage does it
+at load, so no prompt pays for compilation). On CPU the AR stage keeps plain generate() on one rank and this loop
+eager when tensor-parallel; tests run it there with compile=False.
 """
 from __future__ import annotations
 
@@ -47,46 +52,57 @@ CACHE_BUCKET = 1024  # static cache lengths are multiples of this: few distinct 
 PROBATION_STEPS = 3  # compiled steps that must have run (trace, CUDA-graph warm-up, capture, replay) before a failure
 #                      of the compiled step counts as an error rather than as a reason to decode eagerly
 ATTENTION = "parallel_diffusion_packed_gqa_sdpa"
+TP_GROUP = "world"  # the group plan.apply_ar_tensor_parallel shards over
 _ATTR = "_parallel_diffusion_fast_ar"  # where decoder_for() keeps a model's decoder: compiled once per worker
 
 
 def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' SDPA attention, except for one query token with grouped KV heads: the query heads are packed
-    onto their KV head, (B, H, 1, D) -> (B, KV, H/KV, D), so SDPA reads K and V once instead of a 16x repeated copy
-    (transformers does this too, but not while compiling). Mask (B, 1, 1, L) broadcasts over the packed heads."""
+    """transformers' SDPA attention, except for one query token with grouped KV heads (the decode step). There the
+    query heads are packed onto their KV head, (B, H, 1, D) -> (B, KV, H/KV, D), and attention is written out as two
+    batched matmuls around a float32 softmax: K and V are read once (no 16x repeated copy), and the compiled step
+    gets plain matmul and reduction kernels that spread over the whole cache. SDPA's fused kernels would run one
+    block per (batch, KV head) here, 2 of the GPU's 132 SMs, and the cost of a step grew with the cache length."""
     groups = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     batch, heads, _, dim = query.shape
     query = query.reshape(batch, heads // groups, groups, dim)
-    if attention_mask is not None and attention_mask.shape[1] != 1:
-        attention_mask = attention_mask.reshape(attention_mask.shape[0], heads // groups, groups, -1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
-    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+    scale = dim ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, KV, H/KV, L)
+    if attention_mask is not None:  # (B, 1, 1, L): broadcasts over the packed heads
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        else:
+            scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(probs, value)  # (B, KV, H/KV, D)
+    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION, _packed_gqa_sdpa)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets, for the same layers
 
 
-def enabled(device: torch.device | str) -> bool:
-    """Whether the AR stage takes the fast path on this device: CUDA (CPU keeps plain generate())."""
-    return torch.device(device).type == "cuda"
+def enabled(model, comm=None) -> bool:
+    """Whether the AR takes the fast path: on CUDA, and wherever it is tensor-parallel (`comm` given: only this
+    loop broadcasts rank 0's tokens); a single CPU process keeps plain generate()."""
+    return model.device.type == "cuda" or comm is not None
 
 
-def generate(model, inputs, **kwargs) -> torch.LongTensor:
-    """`model.generate(**inputs, **kwargs)`: through the model's FastDecoder where enabled(), else plain."""
-    if not enabled(model.device):
+def generate(model, inputs, comm=None, **kwargs) -> torch.LongTensor:
+    """`model.generate(**inputs, **kwargs)`: through the model's FastDecoder where enabled(), else plain. `comm`:
+    the model is tensor-parallel over its world group (plan.apply_ar_tensor_parallel)."""
+    if not enabled(model, comm):
         return model.generate(**inputs, **kwargs)
-    return decoder_for(model).generate(inputs, **kwargs)
+    return decoder_for(model, comm).generate(inputs, **kwargs)
 
 
-def decoder_for(model, **options) -> "FastDecoder":
+def decoder_for(model, comm=None, **options) -> "FastDecoder":
     """The model's FastDecoder, created on first use and kept on the model: compiled once per worker process."""
     decoder = model.__dict__.get(_ATTR)
     if decoder is None:
-        decoder = FastDecoder(model, **options)
+        decoder = FastDecoder(model, comm=comm, **options)
         model.__dict__[_ATTR] = decoder  # a plain attribute: not a submodule, not in the state dict
     return decoder
 
@@ -166,11 +182,13 @@ class FastDecoder:
     compile: None = on CUDA only. backend/mode/fullgraph go to torch.compile (mode only with inductor on CUDA, where
     "reduce-overhead" means CUDA graphs). A compiled step that fails during a cache slot's first request (tracing,
     compiling, CUDA-graph capture) makes the decoder warn, restore the random state and redo that request (and that
-    slot from then on) eagerly, so a compiler problem costs speed, never a result."""
+    slot from then on) eagerly, so a compiler problem costs speed, never a result. Tensor-parallel (`comm`), such a
+    failure is raised instead: a rank that alone went eager would leave the others waiting in a collective."""
 
-    def __init__(self, model, compile: bool | None = None, backend: str = "inductor",
+    def __init__(self, model, comm=None, compile: bool | None = None, backend: str = "inductor",
                  mode: str | None = "reduce-overhead", fullgraph: bool = False):
         self.model = model
+        self.comm = comm if comm is not None and comm.group_size(TP_GROUP) > 1 else None
         self.compile = model.device.type == "cuda" if compile is None else compile
         options = {"fullgraph": fullgraph, "dynamic": False}
         if backend == "inductor" and mode and model.device.type == "cuda":
@@ -230,14 +248,30 @@ class FastDecoder:
         """model.generate(**inputs, **kwargs) with the fast decoding loop (plain generate() for what it does not
         support). `max_new_tokens` is required: it sizes the static cache."""
         if not self.supports(kwargs):
+            if self.comm is not None:
+                raise ValueError(f"tensor-parallel AR supports plain sampling and greedy search, not {kwargs}")
             return self.model.generate(**inputs, **kwargs)
         if kwargs.get("max_new_tokens") is None:
             raise ValueError("FastDecoder.generate needs max_new_tokens")
         input_ids = inputs["input_ids"]
         slot = self._slot(input_ids.shape[0], input_ids.shape[1] + kwargs["max_new_tokens"], input_ids.device)
+        return self._run(inputs, slot, kwargs)
+
+    def warm_up(self, inputs, max_new_tokens: int) -> None:
+        """Compile and capture the decode step for requests like `inputs` asking for `max_new_tokens` (their cache
+        slot), decoding a few greedy tokens: the compile cost is paid here, once per worker, not by a prompt."""
+        if self._compiled is None:
+            return
+        input_ids = inputs["input_ids"]
+        slot = self._slot(input_ids.shape[0], input_ids.shape[1] + max_new_tokens, input_ids.device)
+        if slot.compiled is None:
+            self._run(inputs, slot, {"max_new_tokens": PROBATION_STEPS + 1, "do_sample": False})
+
+    def _run(self, inputs, slot: _Slot, kwargs: dict) -> torch.LongTensor:
+        input_ids = inputs["input_ids"]
         rng = None
-        if self._compiled is not None and slot.compiled is None:  # the compiled step may fail: be ready to redo
-            rng = _rng_state(input_ids.device)
+        if self._compiled is not None and slot.compiled is None and self.comm is None:
+            rng = _rng_state(input_ids.device)  # the compiled step may fail: be ready to redo the request eagerly
         try:
             out = self._generate(inputs, slot, kwargs)
             if slot.compiled is None and slot.compiled_steps >= PROBATION_STEPS:
@@ -292,6 +326,8 @@ class FastDecoder:
                 next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
             else:
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
+            if self.comm is not None:  # rank 0 decides: every rank continues with its tokens
+                next_tokens = self.comm.broadcast(next_tokens, TP_GROUP)
             if has_eos_stopping_criteria:
                 next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
             input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)

@@ -1,7 +1,8 @@
-"""GLM-Image's sequence-parallel plan: the DiT's transformer blocks run sharded over the joint sequence.
+"""GLM-Image's parallel plans: the DiT's blocks sharded over the joint sequence (sequence parallel), and the AR
+decoder's layers sharded over the ranks (tensor parallel).
 
-Each GlmImageTransformerBlock takes two token streams, which diffusers' GlmImageAttnProcessor concatenates glyph
-text first, image second; both are split across the SP group on entry to `transformer_blocks.0` (each padded to a
+The DiT: each GlmImageTransformerBlock takes two token streams, which diffusers' GlmImageAttnProcessor concatenates
+glyph text first, image second; both are split across the SP group on entry to `transformer_blocks.0` (each padded to a
 multiple of the SP degree, the padding masked as keys, so the 1-token negative glyph prompt works on any degree),
 the image rotary tables (cos, sin), whose sequence dim is 0, are split with the image stream, and both outputs
 are gathered after the last block, before `norm_out`/`proj_out`. Attention is diffusers' own processor; its
@@ -20,6 +21,8 @@ from diffusers.models.transformers import transformer_glm_image
 
 from ...parallel.comm import Comm
 from ...parallel.sequence import BlockSpec, active_region, routed_attention, shard_blocks
+from ...parallel.tensor_parallel import (GatheredColumnLinear, RowParallelLinear, features_of_heads,
+                                         keep_output_features)
 
 TEXT, IMAGE = "encoder_hidden_states", "hidden_states"
 BLOCK = BlockSpec(
@@ -62,3 +65,34 @@ def _condition_cache_keys(module, args, kwargs):
         writes = getattr(cache, CACHE_VALID)
         region.key_prefix = [torch.cat([w[r] for w in writes], dim=1).expand(region.batch, -1) for r in range(sp)]
     return None
+
+
+def apply_ar_tensor_parallel(model, comm: Comm, group: str = "world") -> None:
+    """Shard a loaded GlmImageForConditionalGeneration's text decoder over `group`: in every layer, rank r keeps
+    query heads [r*H/N, (r+1)*H/N) and the KV heads they read (replicated where N > KV heads), the matching o_proj
+    inputs, and 1/N of the MLP (gate and up rows alike, down_proj's inputs); o_proj and down_proj sum over the
+    group. lm_head is split by vocabulary and gathered. Embeddings, norms and the vision tower stay whole."""
+    n, rank = comm.group_size(group), comm.group_rank(group)
+    if n == 1:
+        return
+    text = model.config.text_config
+    heads, kv_heads, head_dim, ffn = (text.num_attention_heads, text.num_key_value_heads, text.head_dim,
+                                      text.intermediate_size)
+    if heads % n or (kv_heads % n and n % kv_heads) or ffn % n:
+        raise ValueError(f"GLM-Image's AR decoder ({heads} heads, {kv_heads} KV heads, FFN {ffn}) cannot be split "
+                         f"over {n} GPUs: use a GPU count that divides the heads and the FFN width")
+    query = range(rank * heads // n, (rank + 1) * heads // n)
+    per_kv = heads // kv_heads
+    kv = sorted({h // per_kv for h in query})
+    ffn_rows = torch.arange(rank * ffn // n, (rank + 1) * ffn // n)
+    for layer in model.model.language_model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        keep_output_features(attn.q_proj, features_of_heads(query, head_dim))
+        keep_output_features(attn.k_proj, features_of_heads(kv, head_dim))
+        keep_output_features(attn.v_proj, features_of_heads(kv, head_dim))
+        attn.num_key_value_groups = len(query) // len(kv)  # the attention kernels' GQA ratio, now per rank
+        attn.o_proj = RowParallelLinear(attn.o_proj, features_of_heads(query, head_dim), comm, group)
+        keep_output_features(mlp.gate_up_proj, torch.cat([ffn_rows, ffn + ffn_rows]))  # chunk(2) -> gate, up
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, ffn_rows, comm, group)
+    if model.lm_head.out_features % n == 0:
+        model.lm_head = GatheredColumnLinear(model.lm_head, comm, group)

@@ -3,8 +3,9 @@
 Each function mirrors one part of diffusers' GlmImagePipeline.__call__ so the single-process run equals it (the
 reference tests hold it to that), and declares how it runs across ranks:
 
-- glm_image.ar       MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  rank 0 alone holds the ~10 B AR model and samples the prior
-                                                        tokens; every rank receives them.
+- glm_image.ar       TENSOR_PARALLEL, or                every rank holds 1/N of the ~10 B AR decoder (on CUDA with
+                    MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  several GPUs) and samples in step, rank 0 deciding each token;
+                                                        else rank 0 alone holds it and broadcasts the prior tokens.
 - glm_image.prepare  REPLICATED                         glyph embeddings, seeded noise, size
                                                         conditioning and the condition-image latents: cheap and
                                                         deterministic, so every rank computes the same.
@@ -35,7 +36,7 @@ from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
 from .. import loading
 from . import ar_decode
-from .plan import apply_sequence_parallel
+from .plan import apply_ar_tensor_parallel, apply_sequence_parallel
 
 PIPELINE = "GlmImagePipeline"
 SIZE_MULTIPLE = 32  # the AR grid is H/32 x W/32
@@ -51,8 +52,9 @@ class GlmImage:
     tokenizer: Any  # ByT5Tokenizer
     vae: Any  # AutoencoderKL: every rank encodes condition images in prepare; rank 0 decodes
     scheduler_config: dict
-    vision_language_encoder: Any = None  # GlmImageForConditionalGeneration, rank 0 only
-    processor: Any = None  # GlmImageProcessor, rank 0 only
+    vision_language_encoder: Any = None  # GlmImageForConditionalGeneration: rank 0, or every rank's shard
+    processor: Any = None  # GlmImageProcessor, where the AR runs
+    ar_tensor_parallel: bool = False
     sp_hooks: list = field(default_factory=list)
 
     @property
@@ -60,8 +62,10 @@ class GlmImage:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load(ctx: StageContext, path: str) -> GlmImage:
-    """Every rank loads the DiT, the glyph encoder and the VAE; rank 0 alone loads the AR model and processor."""
+def load(ctx: StageContext, path: str, ar_tensor_parallel: bool | None = None) -> GlmImage:
+    """Every rank loads the DiT, the glyph encoder and the VAE. The AR model and processor: on every rank, its
+    decoder sharded, when `ar_tensor_parallel` (default: several CUDA ranks, where it pays); else on rank 0 alone.
+    On CUDA the AR decode step is compiled here (attach_ar), not in the first prompt."""
     loading.inspect_model_folder(path, PIPELINE)
     dev, dtype = ctx.device, ctx.dtype
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
@@ -74,14 +78,46 @@ def load(ctx: StageContext, path: str) -> GlmImage:
         vae=loading.load_component(path, "vae", dtype, dev).eval(),
         scheduler_config=scheduler_config,
     )
-    if ctx.is_main:
+    model.ar_tensor_parallel = wants_ar_tensor_parallel(ctx, ar_tensor_parallel)
+    if ctx.is_main or model.ar_tensor_parallel:
         # Classes named explicitly: diffusers' save_pretrained records these two under the library "glm_image" (its
         # pipeline folder's name, which shadows transformers' model folder), which loading.py does not resolve.
-        model.vision_language_encoder = loading.load_component(
-            path, "vision_language_encoder", dtype, dev, cls=GlmImageForConditionalGeneration).eval()
-        model.processor = loading.load_component(path, "processor", cls=GlmImageProcessor)
+        attach_ar(ctx, model,
+                  loading.load_component(path, "vision_language_encoder", dtype, dev,
+                                         cls=GlmImageForConditionalGeneration).eval(),
+                  loading.load_component(path, "processor", cls=GlmImageProcessor))
     model.sp_hooks = apply_sequence_parallel(model.transformer, ctx.comm)
     return model
+
+
+def wants_ar_tensor_parallel(ctx: StageContext, requested: bool | None) -> bool:
+    """Tensor-parallel AR when asked, by default on several CUDA ranks (where it pays); never on one rank."""
+    if requested is None:
+        requested = ctx.device.type == "cuda"
+    return requested and ctx.comm.world_size > 1
+
+
+def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, processor) -> None:
+    """Give the model its loaded AR (call where it runs: rank 0, or every rank when model.ar_tensor_parallel):
+    shard its decoder if tensor-parallel, then compile the decode step for a default-sized request (a 1024x1024
+    image: the cache slot of every request up to that size with a prompt of a few hundred tokens), so no prompt
+    pays for compiling it; other slots compile on their first request."""
+    model.vision_language_encoder, model.processor = vision_language_encoder, processor
+    comm = _ar_comm(ctx, model)
+    if comm is not None:
+        apply_ar_tensor_parallel(vision_language_encoder, comm)
+    if ar_decode.enabled(vision_language_encoder, comm):
+        inputs, max_new_tokens, _ = _ar_request(processor, ["warm-up"], None, 1024, 1024, ctx.device)
+        ar_decode.decoder_for(vision_language_encoder, comm).warm_up(inputs, max_new_tokens)
+
+
+def ar_parallelism(model: GlmImage) -> Parallelism:
+    return (Parallelism.TENSOR_PARALLEL if model.ar_tensor_parallel
+            else Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS)
+
+
+def _ar_comm(ctx: StageContext, model: GlmImage):
+    return ctx.comm if model.ar_tensor_parallel else None
 
 
 # -- glm_image.ar ------------------------------------------------------------------------------------------------
@@ -100,27 +136,11 @@ def ar(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: i
         raise ValueError(f"editing takes one prompt, got {len(prompts)}")
     check_prompts(prompts, model.processor)
     vle, dev = model.vision_language_encoder, ctx.device
-    content = [{"type": "image", "image": img} for img in images or []]
-    messages = [[{"role": "user", "content": [*content, {"type": "text", "text": p}]}] for p in prompts]
-    try:
-        inputs = model.processor.apply_chat_template(
-            messages, tokenize=True, padding=len(prompts) > 1, target_h=height, target_w=width, return_dict=True,
-            return_tensors="pt").to(dev)
-    except Exception as exc:  # noqa: BLE001 - the processor's own message, with the prompt it refused
-        raise ValueError(f"the GLM-Image processor rejected the request ({prompts!r}): {exc}") from exc
-
-    grids = inputs["image_grid_thw"]
-    per_sample = int(inputs["images_per_sample"][0]) if inputs.get("images_per_sample") is not None else len(grids)
-    sample_grids = grids[:per_sample].tolist()
-    sizes = [h * w for _, h, w in sample_grids]
-    if images:  # the target grid follows the sources
-        max_new_tokens, offset, (_, grid_h, grid_w) = sizes[-1] + 1, 0, sample_grids[-1]
-    else:  # the target grid, then the small preview grid, which is sampled first
-        max_new_tokens, offset, (_, grid_h, grid_w) = sum(sizes) + 1, sum(sizes[1:]), sample_grids[0]
-
+    inputs, max_new_tokens, (offset, grid_h, grid_w) = _ar_request(model.processor, prompts, images, height, width,
+                                                                   dev)
     condition_prior_token_ids = None
     if images:
-        source_grids = grids[:len(images)]
+        source_grids = inputs["image_grid_thw"][:len(images)]
         check_condition_grids(images, source_grids.tolist())
         features = vle.get_image_features(inputs["pixel_values"], source_grids).pooler_output
         # One (C, h, w) map per image: get_image_tokens iterates over images. (diffusers 0.42.1 concatenates the
@@ -132,14 +152,14 @@ def ar(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: i
         ]
 
     input_len = inputs["input_ids"].shape[-1]
-    progress = _TokenProgress(ctx, input_len, max_new_tokens)
+    progress = _TokenProgress(ctx, input_len, max_new_tokens, in_step=model.ar_tensor_parallel)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)  # as diffusers does: generate() takes no generator
         if dev.type == "cuda":
             torch.cuda.manual_seed(seed)
         # generate() itself; on CUDA with a static KV cache and a compiled decode step (ar_decode.py): same tokens
-        outputs = ar_decode.generate(vle, inputs, max_new_tokens=max_new_tokens, do_sample=True,
-                                     stopping_criteria=StoppingCriteriaList([progress]))
+        outputs = ar_decode.generate(vle, inputs, _ar_comm(ctx, model), max_new_tokens=max_new_tokens,
+                                     do_sample=True, stopping_criteria=StoppingCriteriaList([progress]))
     generated = outputs[:, input_len:]
     if generated.shape[1] < offset + grid_h * grid_w:
         raise RuntimeError(f"the AR model stopped after {generated.shape[1]} of {max_new_tokens} tokens "
@@ -150,22 +170,54 @@ def ar(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: i
         raise RuntimeError(f"the AR model put token {int(prior.max())} into an image grid, outside the DiT's "
                            f"codebook of {codebook} (it sampled its end token early); try another seed")
     return {"prior_token_ids": prior.cpu(), "condition_prior_token_ids": condition_prior_token_ids,
-            "sampled_on_rank": ctx.comm.rank}
+            "sampled_on_rank": 0 if model.ar_tensor_parallel else ctx.comm.rank}  # tensor-parallel: rank 0's tokens
+
+
+def _ar_request(processor, prompts: list[str], images: list | None, height: int, width: int, dev: torch.device):
+    """The AR's input ids for a request, how many tokens it samples, and where the target grid lies in them:
+    (inputs, max_new_tokens, (offset, grid_h, grid_w)), as diffusers' generate_prior_tokens computes them."""
+    content = [{"type": "image", "image": img} for img in images or []]
+    messages = [[{"role": "user", "content": [*content, {"type": "text", "text": p}]}] for p in prompts]
+    try:
+        inputs = processor.apply_chat_template(
+            messages, tokenize=True, padding=len(prompts) > 1, target_h=height, target_w=width, return_dict=True,
+            return_tensors="pt").to(dev)
+    except Exception as exc:  # noqa: BLE001 - the processor's own message, with the prompt it refused
+        raise ValueError(f"the GLM-Image processor rejected the request ({prompts!r}): {exc}") from exc
+    grids = inputs["image_grid_thw"]
+    per_sample = int(inputs["images_per_sample"][0]) if inputs.get("images_per_sample") is not None else len(grids)
+    sample_grids = grids[:per_sample].tolist()
+    sizes = [h * w for _, h, w in sample_grids]
+    if images:  # the target grid follows the sources
+        return inputs, sizes[-1] + 1, (0, *sample_grids[-1][1:])
+    # the target grid, then the small preview grid, which is sampled first
+    return inputs, sum(sizes) + 1, (sum(sizes[1:]), *sample_grids[0][1:])
+
+
+CANCEL_CHECK_TOKENS = 32  # tensor-parallel AR: how often the ranks agree on a cancel (a host round trip each)
 
 
 class _TokenProgress(StoppingCriteria):
     """Called by generate() after every sampled token: rank-0 progress, and the cancel check (raising Cancelled
-    leaves generate(); the executor tells every rank). Never stops generation itself, and draws no random numbers,
-    so the sampled tokens are those of a plain generate()."""
+    leaves generate()). One rank: checked every token, the executor tells the others. Every rank in step
+    (`in_step`, tensor-parallel): all ranks take rank 0's decision together after the first token and every
+    CANCEL_CHECK_TOKENS tokens after it, so none is left waiting in a collective. Never stops generation itself,
+    and draws no random numbers, so the sampled tokens are those of a plain generate()."""
 
-    def __init__(self, ctx: StageContext, input_len: int, total: int):
-        self.ctx, self.input_len, self.total = ctx, input_len, total
+    def __init__(self, ctx: StageContext, input_len: int, total: int, in_step: bool = False):
+        self.ctx, self.input_len, self.total, self.in_step = ctx, input_len, total, in_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = input_ids.shape[-1] - self.input_len
-        self.ctx.report("tokens", done, self.total)
-        if self.ctx.cancel_requested():
-            raise Cancelled(done, self.total)
+        if self.in_step:
+            if done % CANCEL_CHECK_TOKENS == 1:  # the first token, then every CANCEL_CHECK_TOKENS
+                self.ctx.step(done, self.total, "tokens")
+            elif self.ctx.is_main:
+                self.ctx.report("tokens", done, self.total)
+        else:
+            self.ctx.report("tokens", done, self.total)
+            if self.ctx.cancel_requested():
+                raise Cancelled(done, self.total)
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -423,7 +475,7 @@ def _prompts(prompt: str | list[str]) -> list[str]:
 
 LOADER = Loader("glm_image", load)
 STAGES = [
-    Stage("glm_image.ar", Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS, ar),
+    Stage("glm_image.ar", ar_parallelism, ar),
     Stage("glm_image.prepare", Parallelism.REPLICATED, prepare),
     Stage("glm_image.denoise", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, denoise),
     Stage("glm_image.decode", Parallelism.MAIN_RANK_ONLY, decode),

@@ -137,7 +137,7 @@ def _ar_model(tokenizer):
     config = GlmImageConfig(
         text_config=dict(
             vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=1024,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
             vision_vocab_size=VISION_VOCAB, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                              "mrope_section": [4, 2, 2]},
             pad_token_id=tokenizer.pad_token_id, eos_token_id=IMAGE_END,
