@@ -28,7 +28,9 @@ class GlmImageLoader(LoaderBase):
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = (LOADER_OUTPUT_TOOLTIP,)
     DESCRIPTION = ("Loads a GLM-Image model folder (diffusers layout) on a group of worker processes, one per GPU, "
-                   "that stay alive between prompts; the first GPU alone holds the autoregressive model. The group "
+                   "that stay alive between prompts. With several CUDA GPUs each holds a slice of the "
+                   "autoregressive model (tensor parallel), else the first GPU holds it; its decode step is "
+                   "compiled here (about half a minute, once per group). The group "
                    "is shared by every loader with the same GPUs, cfg_parallel and device settings; ComfyUI's "
                    "'Unload models' / 'Free memory' stops it.")
 
@@ -45,8 +47,9 @@ class GlmImageAR:
     OUTPUT_TOOLTIPS = ("The sampled prior image tokens with the prompt, size, seed and condition images they were "
                        "sampled for, for 'GLM-Image Denoise (parallel)'.",)
     DESCRIPTION = ("GLM-Image's autoregressive stage: the vision-language model reads the prompt (and the "
-                   "condition images, for editing) and samples the image's prior tokens, on the first GPU; the "
-                   "tokens go to every GPU. The slowest step: ComfyUI caches its result, so changing the steps or "
+                   "condition images, for editing) and samples the image's prior tokens, on all GPUs together "
+                   "(tensor parallel, the first GPU deciding every token) or on the first GPU alone; every GPU "
+                   "gets the tokens. The slowest step: ComfyUI caches its result, so changing the steps or "
                    "the guidance does not run it again.")
 
     @classmethod

@@ -195,6 +195,25 @@ def test_failed_compilation_decodes_eagerly_with_the_same_tokens(ar, fail_at):
     assert torch.equal(_both(ar, decoder, CASES["t2i"], do_sample=True)[1], fast)  # eager from now on, silently
 
 
+def test_warm_up_compiles_the_slot_before_any_request(ar):
+    """warm_up (run at load) compiles the decode step for a request shape: the slot is proven before the first
+    request, which then samples generate()'s tokens without tracing anything new."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    decoder = ar_decode.FastDecoder(ar[0], compile=True, backend="eager")
+    case = CASES["t2i"]
+    inputs = _inputs(ar[1], *case[:3])
+    decoder.warm_up(inputs, _new_tokens(inputs, None))
+    assert [s.compiled for s in decoder.slots.values()] == [True]
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    plain, fast = _both(ar, decoder, case, do_sample=True)
+    assert torch.equal(plain, fast)
+    assert counters["stats"]["unique_graphs"] == graphs and len(decoder.slots) == 1
+
+
 def test_compiled_step_failing_after_probation_is_an_error(ar):
     decoder = ar_decode.FastDecoder(ar[0], compile=True, backend="eager")
     _both(ar, decoder, CASES["t2i"], do_sample=True)
