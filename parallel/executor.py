@@ -7,7 +7,9 @@ from .stage import Cancelled, Parallelism, Stage, StageContext
 
 
 class MainRankError(Exception):
-    """A main-rank-only stage failed on rank 0; every rank raises it, so the group stays in step and alive."""
+    """A stage failed where every rank hears of it: a main-rank-only stage on rank 0, or a tensor-parallel stage
+    before its ranks diverged (a bad input refused on each). Every rank raises it, so the group stays in step and
+    alive."""
 
 
 def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
@@ -36,6 +38,28 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
         if status == "error":
             raise MainRankError(f"stage {stage.name} failed on rank 0: {value}")
         return value
-    # REPLICATED, SEQUENCE_PARALLEL, CFG_PARALLEL and TENSOR_PARALLEL all run on every rank; the sharding lives in
-    # the model's parallel plans and in parallel.cfg, which read ctx.comm.
+    if Parallelism.TENSOR_PARALLEL in parallelism:
+        return _in_step_on_every_rank(stage, ctx, model, inputs)
+    # REPLICATED, SEQUENCE_PARALLEL and CFG_PARALLEL all run on every rank; the sharding lives in the model's
+    # parallel plans and in parallel.cfg, which read ctx.comm.
     return stage.fn(ctx, model, **inputs)
+
+
+def _in_step_on_every_rank(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
+    """Every rank runs the stage, then they compare outcomes: an exception every rank raised alike (an input the
+    stage refuses before its first collective, or a cancel, which ctx.step raises on all ranks together) becomes
+    an error or a cancel the group survives. A rank failing alone inside a collective cannot be saved this way:
+    the others wait there, and the host's process watch ends the group."""
+    try:
+        outcome: tuple[str, Any] = ("ok", stage.fn(ctx, model, **inputs))
+    except Cancelled as stop:
+        outcome = ("cancelled", (stop.step, stop.total))
+    except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, whatever it is
+        outcome = ("error", f"{type(exc).__name__}: {exc}")
+    outcomes = ctx.comm.all_gather_object(outcome[:1] if outcome[0] == "ok" else outcome)
+    for rank, (status, *value) in enumerate(outcomes):
+        if status == "error":
+            raise MainRankError(f"stage {stage.name} failed on rank {rank}: {value[0]}")
+        if status == "cancelled":
+            raise Cancelled(*value[0])
+    return outcome[1]

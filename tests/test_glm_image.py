@@ -12,7 +12,7 @@ from comfyui_parallel_diffusion.models.glm_image import pipeline as glm
 from comfyui_parallel_diffusion.models.glm_image import tiny
 from comfyui_parallel_diffusion.parallel import Cancelled, Layout, LayoutError, LocalRunner
 from comfyui_parallel_diffusion.parallel.executor import MainRankError
-from comfyui_parallel_diffusion.parallel.group import WorkerGroup
+from comfyui_parallel_diffusion.parallel.group import WorkerError, WorkerGroup
 
 STEPS = 2
 SEED = 7
@@ -263,7 +263,8 @@ def _cancel_while_sampling_stops_every_rank(group, single):
     with pytest.raises(Cancelled) as stop:
         _generate(group, "g", CASES["t2i portrait"], on_progress=lambda *e: events.append(e),
                   should_cancel=lambda: bool(events))
-    assert events[0][0] == "tokens" and (stop.value.step, stop.value.total) == (1, events[0][2])  # in the AR
+    assert events[0][0] == "tokens" and stop.value.total == events[0][2]  # stopped in the AR, not in the DiT
+    assert stop.value.step < stop.value.total
     _, latents = _generate(group, "g", CASES["t2i portrait"])
     assert (latents - single("t2i portrait")[1]).abs().max().item() <= PARALLEL_TOLERANCE
 
@@ -295,6 +296,10 @@ def test_tensor_parallel_ar_equals_single_process(tiny_glm_image, local, single,
         reference = local.run("glm_image.ar", "g", request)["prior_token_ids"]
         for result in per_rank:
             assert torch.equal(result["prior_token_ids"], reference)
+        # A request every rank refuses alike is one readable error, and the group stays up.
+        with pytest.raises(WorkerError, match="condition image 0 is 48x48"):
+            glm.generate(group, "g", prompt="edit", images=[_image(48, 48, 0)], height=64, width=64, steps=1,
+                         guidance=1.5, seed=0)
         _cancel_while_sampling_stops_every_rank(group, single)
     finally:
         group.close()
