@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import platform
 import re
 import statistics
@@ -50,6 +51,8 @@ from comfyui_parallel_diffusion.models.glm_image import ar_decode, tiny
 from comfyui_parallel_diffusion.models.glm_image import plan as glm_plan
 from comfyui_parallel_diffusion.parallel import Layout
 from comfyui_parallel_diffusion.parallel.comm import Comm
+from comfyui_parallel_diffusion.parallel.group import free_port
+from comfyui_parallel_diffusion.parallel.worker import join_process_group
 
 BENCH = Path(__file__).resolve().parent
 # GLM-Image's AR text decoder (shared/design.md); GLM-4 style: qkv bias, partial rotary 0.5, 3D rope 8/12/12
@@ -67,22 +70,27 @@ TARGET_MS_PER_TOKEN, TARGET_SPEEDUP, TARGET_TP2_MS_PER_TOKEN = 6.0, 4.0, 3.5  # 
 def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     if args.tp == 1:
-        _rank_main(0, args, None)
+        _rank_main(0, args)
         return
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(args, _free_port()), nprocs=args.tp)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # as the worker group's host does
+    mp.spawn(_rank_main, args=(args,), nprocs=args.tp)
 
 
-def _rank_main(rank: int, args, port: int | None) -> None:
+def _rank_main(rank: int, args) -> None:
     """One process per GPU. Every rank builds the same full model (same seed); rank 0 measures the 1-GPU paths while
     the others wait, then, with --tp N, every rank shards the decoder and the tensor-parallel path is measured."""
     started = time.perf_counter()
-    device = torch.device(args.device if args.tp == 1 or args.device == "cpu" else f"{args.device}:{rank}")
+    comm = None
+    if args.tp > 1:  # the worker group's own rendezvous and process groups
+        device = join_process_group(args.device, rank, args.tp)
+        comm = Comm(Layout.for_world(args.tp), rank, device, distributed=True)
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    comm = _init_group(rank, args.tp, device, port) if args.tp > 1 else None
     main_rank = rank == 0
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     out = Path(args.out or BENCH / "results" / f"glm_ar_{re.sub(r'[^a-z0-9]+', '_', gpu.lower()).strip('_')}.json")
@@ -195,25 +203,6 @@ def _rank_main(rank: int, args, port: int | None) -> None:
 
         comm.all_gather_object(None)
         dist.destroy_process_group()
-
-
-def _init_group(rank: int, world: int, device: torch.device, port: int) -> Comm:
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=30), device_id=device if device.type == "cuda" else None)
-    return Comm(Layout.for_world(world), rank, device, distributed=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _compile_report(decoder, counters, options: dict) -> dict:

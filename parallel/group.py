@@ -134,7 +134,7 @@ class WorkerGroup:
             "host_pid": os.getpid(),
             "run_dir": self._channel.directory,
         })
-        port = _free_port()
+        port = free_port()
         self._procs = [self._spawn(rank, config, port) for rank in range(self.layout.world_size)]
         self._conn = self._wait_for_rank0()
         for key, (loader, args) in list(self._loads.items()):  # the models the previous group held
@@ -297,7 +297,7 @@ def _tail(path: str) -> str:
         return "".join(collections.deque(f, maxlen=LOG_TAIL_LINES)) or "(nothing)"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A port for the rendezvous store of rank 0 (a tiny race with other programs, as with torchrun)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

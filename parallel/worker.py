@@ -74,7 +74,7 @@ class Worker:
         plugin = importlib.import_module(config["plugin"])
         self.stages, self.loaders = plugin.STAGES, plugin.LOADERS
         layout = Layout(**config["layout"])
-        device = _join_process_group(config["device"], rank, layout.world_size)
+        device = join_process_group(config["device"], rank, layout.world_size)
         self.comm = Comm(layout, rank, device, distributed=True)
         self.ctx = StageContext(comm=self.comm, dtype=getattr(torch, config["dtype"]))
         self.models: dict[str, Any] = {}
@@ -165,7 +165,7 @@ class HostLink:
         self.conn.send(message)
 
 
-def _join_process_group(device: str, rank: int, world_size: int) -> torch.device:
+def join_process_group(device: str, rank: int, world_size: int) -> torch.device:
     """NCCL on GPUs (Comm adds a gloo group for Python objects), gloo on CPU. The rendezvous address comes from
     MASTER_ADDR/MASTER_PORT, chosen by the host."""
     # The ranks share the machine's cores; each using all of them would oversubscribe it (on GPU hosts too: the

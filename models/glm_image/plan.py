@@ -23,6 +23,7 @@ from ...parallel.comm import Comm
 from ...parallel.sequence import BlockSpec, active_region, routed_attention, shard_blocks
 from ...parallel.tensor_parallel import (GatheredColumnLinear, RowParallelLinear, features_of_heads,
                                          keep_output_features)
+from .ar_decode import TP_GROUP
 
 TEXT, IMAGE = "encoder_hidden_states", "hidden_states"
 BLOCK = BlockSpec(
@@ -67,11 +68,13 @@ def _condition_cache_keys(module, args, kwargs):
     return None
 
 
-def apply_ar_tensor_parallel(model, comm: Comm, group: str = "world") -> None:
-    """Shard a loaded GlmImageForConditionalGeneration's text decoder over `group`: in every layer, rank r keeps
+def apply_ar_tensor_parallel(model, comm: Comm) -> None:
+    """Shard a loaded GlmImageForConditionalGeneration's text decoder over the AR's group (ar_decode.TP_GROUP, which
+    the decoder broadcasts rank 0's tokens over): in every layer, rank r keeps
     query heads [r*H/N, (r+1)*H/N) and the KV heads they read (replicated where N > KV heads), the matching o_proj
     inputs, and 1/N of the MLP (gate and up rows alike, down_proj's inputs); o_proj and down_proj sum over the
     group. lm_head is split by vocabulary and gathered. Embeddings, norms and the vision tower stay whole."""
+    group = TP_GROUP
     n, rank = comm.group_size(group), comm.group_rank(group)
     if n == 1:
         return
