@@ -10,8 +10,9 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from comfyui_parallel_diffusion import models
-from comfyui_parallel_diffusion.models.glm_image import ar_decode, tiny
+from comfyui_parallel_diffusion.models.glm_image import ar_decode, decode_step, tiny
 from comfyui_parallel_diffusion.parallel import Cancelled, LocalRunner
+from comfyui_parallel_diffusion.parallel.tensor_parallel import keep_output_features
 
 MAX_NEW_TOKENS = 100
 
@@ -155,6 +156,28 @@ def test_unsupported_requests_go_to_plain_generate(ar, decoder):
     inputs = _inputs(processor, ["a cat"])
     out = decoder.generate(inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape[1] == inputs.input_ids.shape[1] + 5
+
+
+def test_fused_qkv_is_the_projections_own_memory():
+    """fuse_qkv makes q/k/v views of one weight (no copy kept, state dict as before); it is redone only where a plan
+    replaced the projections since."""
+    processor, tokenizer = tiny._processor()
+    model = tiny._ar_model(tokenizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decode_step.fuse_qkv(model)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    attn = model.model.language_model.layers[0].self_attn
+    fused = attn._fused_qkv_weight
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == fused.untyped_storage().data_ptr()
+    decode_step.fuse_qkv(model)
+    assert attn._fused_qkv_weight is fused  # idempotent
+    keep_output_features(attn.q_proj, torch.arange(8))  # as a tensor-parallel plan shards them
+    keep_output_features(attn.k_proj, torch.arange(4))
+    decode_step.fuse_qkv(model)
+    assert attn._fused_qkv_weight.shape[0] == attn._fused_qkv_bias.shape[0] == 8 + 4 + attn.v_proj.out_features
+    assert attn.k_proj.weight.data_ptr() == attn._fused_qkv_weight[8].data_ptr()
 
 
 def test_compiled_step_is_one_graph(ar):

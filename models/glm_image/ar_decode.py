@@ -14,16 +14,14 @@ and greedy decoding picks the same argmax as generate() would from the same logi
 What makes it fast:
 - A `StaticCache` (fixed addresses, so the step can be a CUDA graph), reused across prompts: allocated per (batch,
   cache length rounded up to CACHE_BUCKET) and reset, never reallocated for a prompt that fits.
-- The one-token decode step (text decoder + lm_head) compiled once per worker (`torch.compile`, mode
-  "reduce-overhead": inductor kernels replayed as a CUDA graph; re-traced only for a new cache slot). It takes
-  GLM-Image's 3D decode positions as an input tensor, read from the table get_rope_index builds at prefill, exactly as
-  GlmImageModel.compute_3d_position_ids slices it; calling the text decoder directly avoids that function's
-  data-dependent slice (a graph break at Tensor.item() under torch.compile).
+- The one-token decode step (decode_step.py: the text decoder + lm_head, q/k/v fused, packed GQA attention) compiled
+  once per worker (`torch.compile`, mode "reduce-overhead": inductor kernels replayed as a CUDA graph; re-traced
+  only for a new cache slot). It takes GLM-Image's 3D decode positions as an input tensor, read from the table
+  get_rope_index builds at prefill, exactly as GlmImageModel.compute_3d_position_ids slices it; calling the text
+  decoder directly avoids that function's data-dependent slice (a graph break at Tensor.item() under torch.compile).
 - No host-device synchronisation per token: "all sequences finished" is copied to the host asynchronously and read
   after the next step has been queued, so the GPU always has the next decode step in its queue (like transformers'
   DeferredStopCheck, without undoing anything: a stop only discards a queued forward, no token, no random draw).
-- Decode attention packs the 32 query heads onto the 2 KV heads and is written as matmul-softmax-matmul
-  (_packed_gqa_sdpa): K and V are read once, by kernels that spread over the cache, not by one SDPA block per KV head.
 
 Tensor parallel (plan.apply_ar_tensor_parallel has sharded the decoder over a group): every rank runs this loop in
 step, its reductions inside the compiled step, and after each sampling rank 0's tokens are broadcast on the device,
@@ -35,53 +33,23 @@ eager when tensor-parallel; tests run it there with compile=False.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import warnings
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import StaticCache
+
+from .decode_step import decode_step, fuse_qkv
 
 log = logging.getLogger(__name__)
 
 CACHE_BUCKET = 1024  # static cache lengths are multiples of this: few distinct shapes, hence few compilations
 PROBATION_STEPS = 3  # compiled steps that must have run (trace, CUDA-graph warm-up, capture, replay) before a failure
 #                      of the compiled step counts as an error rather than as a reason to decode eagerly
-ATTENTION = "parallel_diffusion_packed_gqa_sdpa"
 TP_GROUP = "world"  # the group plan.apply_ar_tensor_parallel shards over
 _ATTR = "_parallel_diffusion_fast_ar"  # where decoder_for() keeps a model's decoder: compiled once per worker
-
-
-def _packed_gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """transformers' SDPA attention, except for one query token with grouped KV heads (the decode step). There the
-    query heads are packed onto their KV head, (B, H, 1, D) -> (B, KV, H/KV, D), and attention is written out as two
-    batched matmuls around a float32 softmax: K and V are read once (no 16x repeated copy), and the compiled step
-    gets plain matmul and reduction kernels that spread over the whole cache. SDPA's fused kernels would run one
-    block per (batch, KV head) here, 2 of the GPU's 132 SMs, and the cost of a step grew with the cache length."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    batch, heads, _, dim = query.shape
-    query = query.reshape(batch, heads // groups, groups, dim)
-    scale = dim ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale  # (B, KV, H/KV, L)
-    if attention_mask is not None:  # (B, 1, 1, L): broadcasts over the packed heads
-        if attention_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attention_mask, float("-inf"))
-        else:
-            scores = scores + attention_mask
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # (B, KV, H/KV, D)
-    return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION, _packed_gqa_sdpa)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)  # the masks SDPA gets, for the same layers
 
 
 def enabled(model, comm=None) -> bool:
@@ -188,6 +156,7 @@ class FastDecoder:
     def __init__(self, model, comm=None, compile: bool | None = None, backend: str = "inductor",
                  mode: str | None = "reduce-overhead", fullgraph: bool = False):
         self.model = model
+        fuse_qkv(model)  # after any tensor-parallel plan: it fuses the shards this rank holds
         self.comm = comm if comm is not None and comm.group_size(TP_GROUP) > 1 else None
         self.compile = model.device.type == "cuda" if compile is None else compile
         options = {"fullgraph": fullgraph, "dynamic": False}
@@ -200,11 +169,7 @@ class FastDecoder:
     # -- the decode step ---------------------------------------------------------------------------------------
 
     def _forward(self, input_ids, position_ids, attention_mask, cache):
-        """One token per sample through the text decoder (its KV written into the static cache) and lm_head."""
-        hidden = self.model.model.language_model(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, past_key_values=cache,
-            use_cache=True).last_hidden_state
-        return self.model.lm_head(hidden[:, -1:, :])
+        return decode_step(self.model, input_ids, position_ids, attention_mask, cache)
 
     def _step(self, slot: _Slot, tokens: torch.Tensor, positions: _DecodePositions, past: int) -> torch.Tensor:
         slot.ids.copy_(tokens[:, None])
@@ -289,11 +254,9 @@ class FastDecoder:
 
     def _generate(self, inputs, slot: _Slot, kwargs: dict) -> torch.LongTensor:
         slot.cache.reset()
-        with _packed_decode_attention(self.model):
-            # cache_implementation=None: a checkpoint's own choice would conflict with the cache passed here
-            return self.model.generate(**inputs, **{**kwargs, "cache_implementation": None},
-                                       past_key_values=slot.cache,
-                                       custom_generate=functools.partial(self._decode, slot=slot))
+        # cache_implementation=None: a checkpoint's own choice would conflict with the cache passed here
+        return self.model.generate(**inputs, **{**kwargs, "cache_implementation": None}, past_key_values=slot.cache,
+                                   custom_generate=functools.partial(self._decode, slot=slot))
 
     @torch.no_grad()
     def _decode(self, model, input_ids, logits_processor, stopping_criteria, generation_config, *, slot: _Slot,
@@ -339,22 +302,6 @@ class FastDecoder:
             if stop.read():  # generate() would have stopped before that forward: drop it, no token was drawn
                 break
         return input_ids
-
-
-@contextlib.contextmanager
-def _packed_decode_attention(model):
-    """The text decoder on _packed_gqa_sdpa for the duration of a fast generate() (only if it runs on SDPA: any other
-    attention implementation is left as the model has it). Prompts of more than one token go to SDPA unchanged."""
-    config = model.model.language_model.config
-    original = config._attn_implementation
-    if original != "sdpa":
-        yield
-        return
-    config._attn_implementation = ATTENTION
-    try:
-        yield
-    finally:
-        config._attn_implementation = original
 
 
 def _rng_state(device: torch.device):
