@@ -82,6 +82,7 @@ def _rank_main(rank: int, args) -> None:
     """One process per GPU. Every rank builds the same full model (same seed); rank 0 measures the 1-GPU paths while
     the others wait, then, with --tp N, every rank shards the decoder and the tensor-parallel path is measured."""
     started = time.perf_counter()
+    inductor = _inductor_config(args.inductor_config)
     comm = None
     if args.tp > 1:  # the worker group's own rendezvous and process groups
         device = join_process_group(args.device, rank, args.tp)
@@ -109,7 +110,7 @@ def _rank_main(rank: int, args) -> None:
         "benchmark": "glm_image_ar", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
         "device": str(device), "gpu": gpu, "gpus": args.tp, "torch": torch.__version__, "cuda": torch.version.cuda,
-        "transformers": transformers.__version__, "command": " ".join(sys.argv),
+        "transformers": transformers.__version__, "command": " ".join(sys.argv), "inductor_config": inductor,
         "model": {"scale": args.scale, "dtype": str(dtype).removeprefix("torch."),
                   "text_decoder_params_b": round(_text_params(model) / 1e9, 3),
                   "text_config": {k: getattr(model.config.text_config, k) for k in FULL_TEXT},
@@ -147,6 +148,8 @@ def _rank_main(rank: int, args) -> None:
         counters.clear()
         result["fast"], fast_tokens = bench.measure("fast")
         result["fast"].update(_compile_report(decoder, counters, compile_options), step_ms=_step_ms(decoder))
+        if args.profile:
+            result["fast"]["step_profile"] = _step_profile(decoder)
         plain, fast = result["plain_generate"], result["fast"]
         result["speedup"] = round(plain["ms_per_token"] / fast["ms_per_token"], 2)
         result["decode_speedup"] = round(plain["decode_ms_per_token"] / fast["decode_ms_per_token"], 2)
@@ -171,6 +174,8 @@ def _rank_main(rank: int, args) -> None:
         counters.clear()
         tp, tp_tokens = bench.measure("fast")
         tp.update(_compile_report(decoder, counters, compile_options), step_ms=_step_ms(decoder))
+        if args.profile:
+            tp["step_profile"] = _step_profile(decoder, comm)
         reference = comm.broadcast_object(plain_greedy if main_rank else None)
         greedy = bench.greedy_against(reference.to(device))
         if main_rank:
@@ -205,6 +210,16 @@ def _rank_main(rank: int, args) -> None:
         dist.destroy_process_group()
 
 
+def _inductor_config(settings: list[str]) -> dict:
+    """--inductor-config KEY=VALUE settings applied to torch._inductor.config (values parsed as JSON), for trying a
+    compiler setting against the default in separate runs; returns them for the JSON."""
+    import torch._inductor.config as config
+
+    applied = {key: json.loads(value) for key, _, value in (s.partition("=") for s in settings)}
+    config.patch(applied).__enter__()  # for the whole process: never exited
+    return applied
+
+
 def _compile_report(decoder, counters, options: dict) -> dict:
     return dict(compiled=bool(decoder.slots) and all(s.compiled for s in decoder.slots.values()),
                 compile_errors=decoder.compile_errors, cache_len=[s.length for s in decoder.slots.values()],
@@ -221,7 +236,7 @@ def _step_ms(decoder, steps: int = 50) -> float | None:
     if slot.length - int(slot.cache.get_seq_length()) < steps + 5:
         return None  # each replay writes one more cache position (the next request resets them)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with torch.no_grad(), ar_decode._packed_decode_attention(decoder.model):  # as generate() runs it: no recompile
+    with torch.no_grad():  # as generate() runs it: no recompile
         for i in range(steps + 5):
             if i == 5:
                 start.record()
@@ -230,6 +245,43 @@ def _step_ms(decoder, steps: int = 50) -> float | None:
         end.record()
         end.synchronize()
     return round(start.elapsed_time(end) / steps, 3)
+
+
+def _step_profile(decoder, comm=None, steps: int = 50, top: int = 25) -> dict | None:
+    """Where a decode step's time goes: the compiled step replayed under torch.profiler, its CUDA kernels grouped by
+    name (us per step, launches per step), and the step's kernel time against its wall time (the rest is gaps)."""
+    slot = next(iter(decoder.slots.values()), None)
+    if slot is None or not slot.compiled or slot.ids.device.type != "cuda":
+        return None
+    if slot.length - int(slot.cache.get_seq_length()) < 2 * steps + 5:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    args = (slot.ids, slot.positions, slot.mask, slot.cache)
+
+    def replay(n):
+        for _ in range(n):
+            torch.compiler.cudagraph_mark_step_begin()
+            decoder._compiled(*args)
+        torch.cuda.synchronize()
+
+    with torch.no_grad():
+        replay(5)
+        if comm is not None:  # start together: a rank that waits for another would count it as collective time
+            comm.all_gather_object(None)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            replay(steps)
+    kernels: dict[str, list[float]] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(event.name, []).append(event.device_time)
+    total = sum(sum(v) for v in kernels.values()) / steps
+    rows = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))
+    return {"steps": steps, "kernel_us_per_step": round(total, 1),
+            "launches_per_step": round(sum(len(v) for v in kernels.values()) / steps, 1),
+            "by_kernel": [{"name": name[:120], "us_per_step": round(sum(v) / steps, 1),
+                           "launches_per_step": round(len(v) / steps, 2), "mean_us": round(sum(v) / len(v), 2)}
+                          for name, v in rows[:top]]}
 
 
 def _weight_read_bound(model, device: torch.device) -> dict:
@@ -515,6 +567,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exact-tokens", type=int, default=64)
     p.add_argument("--exact-after-s", type=float, default=210.0,
                    help="skip the float32 check when the run has taken longer than this (keeps it near 5 minutes)")
+    p.add_argument("--inductor-config", action="append", default=[], metavar="KEY=VALUE",
+                   help="set torch._inductor.config KEY to the JSON VALUE for this run (repeatable)")
+    p.add_argument("--profile", action="store_true", help="add a kernel profile of the decode step to the JSON")
     p.add_argument("--out", help="JSON file (default bench/results/glm_ar_<gpu>.json)")
     return p
 
