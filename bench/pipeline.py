@@ -165,8 +165,10 @@ class TimedRunner:
         self.runner, self.layout = runner, runner.layout
         self.times: dict[str, float] = {}
         self.outputs: dict[str, object] = {}
+        self.inputs: dict[str, dict] = {}
 
     def run(self, stage: str, model_key, inputs: dict, **kwargs):
+        self.inputs[stage] = inputs
         started = time.perf_counter()
         out = self.runner.run(stage, model_key, inputs, **kwargs)
         self.times[stage.rpartition(".")[2]] = time.perf_counter() - started
@@ -196,9 +198,12 @@ def run_project(bench, args, gpus: int, dtype: torch.dtype) -> dict:
     load_s = time.perf_counter() - started
     host_memory = _reset_peak(args.device)
 
+    last = {}
+
     def call():
         timed = TimedRunner(runner)
         image = bench.project(timed)
+        last["inputs"] = timed.inputs
         extras = {}
         if "glm_image.ar" in timed.outputs:
             extras["prior_token_ids"] = timed.outputs["glm_image.ar"]["prior_token_ids"]
@@ -206,6 +211,10 @@ def run_project(bench, args, gpus: int, dtype: torch.dtype) -> dict:
 
     row = {"gpus": gpus, "layout": layout.describe(), "group_start_and_load_s": round(load_s, 2),
            **measure(call, args.warmup, args.repeats)}
+    if args.profile:  # the stage once more, as the last call asked for it, under torch.profiler on every rank
+        row["profile"] = runner.run("bench.profile", KEY, {"stage": args.profile, "inputs": last["inputs"][args.profile]},
+                                    collect="all")
+        print(row["profile"][0]["top"], flush=True)
     if gpus == 1 and host_memory:  # in-process: the host's own peak
         row["peak_memory_gib"] = _peak_gib(args.device)
     release()
@@ -423,6 +432,9 @@ def _parse(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="untimed calls first (kept in the JSON); default 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", help="another prompt than the built-in one")
+    p.add_argument("--profile", metavar="STAGE",
+                   help="after the timed calls, run this stage (e.g. glm_image.ar) once more under torch.profiler on "
+                        "every rank (a stage every rank can run: the GLM-Image AR on 1 GPU or tensor-parallel)")
     p.add_argument("--no-diffusers", action="store_true", help="skip diffusers' own pipeline")
     p.add_argument("--scale", choices=sorted(random_models.SCALES), default="full")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
