@@ -216,7 +216,7 @@ def _inductor_config(settings: list[str]) -> dict:
     import torch._inductor.config as config
 
     applied = {key: json.loads(value) for key, _, value in (s.partition("=") for s in settings)}
-    config.patch(applied).__enter__()  # for the whole process: never exited
+    config.load_config(applied)
     return applied
 
 
@@ -227,14 +227,22 @@ def _compile_report(decoder, counters, options: dict) -> dict:
                 compile=dict(enabled=options["compile"], backend=options["backend"], mode=options["mode"]))
 
 
-def _step_ms(decoder, steps: int = 50) -> float | None:
-    """The decode step alone (the compiled forward replayed on its slot's buffers: no sampling, no host loop), ms."""
+def _replay_args(decoder, replays: int) -> tuple | None:
+    """The compiled step's arguments on its CUDA slot, if it has room for `replays` more positions (each replay
+    writes one; the next request resets them); None where there is nothing compiled to replay."""
     slot = next(iter(decoder.slots.values()), None)
     if slot is None or not slot.compiled or slot.ids.device.type != "cuda":
         return None
-    args = (slot.ids, slot.positions, slot.mask, slot.cache)
-    if slot.length - int(slot.cache.get_seq_length()) < steps + 5:
-        return None  # each replay writes one more cache position (the next request resets them)
+    if slot.length - int(slot.cache.get_seq_length()) < replays:
+        return None
+    return slot.ids, slot.positions, slot.mask, slot.cache
+
+
+def _step_ms(decoder, steps: int = 50) -> float | None:
+    """The decode step alone (the compiled forward replayed on its slot's buffers: no sampling, no host loop), ms."""
+    args = _replay_args(decoder, steps + 5)
+    if args is None:
+        return None
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch.no_grad():  # as generate() runs it: no recompile
         for i in range(steps + 5):
@@ -249,15 +257,11 @@ def _step_ms(decoder, steps: int = 50) -> float | None:
 
 def _step_profile(decoder, comm=None, steps: int = 50, top: int = 25) -> dict | None:
     """Where a decode step's time goes: the compiled step replayed under torch.profiler, its CUDA kernels grouped by
-    name (us per step, launches per step), and the step's kernel time against its wall time (the rest is gaps)."""
-    slot = next(iter(decoder.slots.values()), None)
-    if slot is None or not slot.compiled or slot.ids.device.type != "cuda":
-        return None
-    if slot.length - int(slot.cache.get_seq_length()) < 2 * steps + 5:
+    name (us per step, launches per step); against step_ms, the rest of a step is gaps between kernels."""
+    args = _replay_args(decoder, steps + 5)
+    if args is None:
         return None
     from torch.profiler import ProfilerActivity, profile
-
-    args = (slot.ids, slot.positions, slot.mask, slot.cache)
 
     def replay(n):
         for _ in range(n):
