@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, SuppressTokensLogitsProcessor,
+                          TopKLogitsWarper)
 
 from comfyui_parallel_diffusion import models
-from comfyui_parallel_diffusion.models.glm_image import ar_decode, decode_step, tiny
+from comfyui_parallel_diffusion.models.glm_image import ar_decode, decode_step, logits_processors, tiny
 from comfyui_parallel_diffusion.parallel import Cancelled, LocalRunner
 from comfyui_parallel_diffusion.parallel.tensor_parallel import keep_output_features
 
@@ -87,17 +88,34 @@ def test_seeded_sampling_equals_generate(ar, decoder, name):
     assert not torch.equal(_both(ar, decoder, CASES[name], seed=2, do_sample=True)[1], fast)
 
 
-def test_temperature_top_k_top_p_as_generate(ar, decoder):
+@pytest.mark.parametrize("top_k", [10, 20])
+def test_temperature_top_k_top_p_suppressed_tokens_as_generate(ar, decoder, top_k):
+    """As a checkpoint's generation_config sets them. 45 suppressed tokens: torch.isin's sorting path, which the fast
+    path replaces (logits_processors.py); with top_k 20, more than the 19 tokens left, the k-th score is -inf."""
     model = ar[0]
     config = model.generation_config
-    saved = config.temperature, config.top_k, config.top_p
-    config.temperature, config.top_k, config.top_p = 0.7, 20, 0.8  # as a checkpoint's generation_config sets them
+    saved = config.temperature, config.top_k, config.top_p, config.suppress_tokens
+    suppressed = list(range(0, tiny.VISION_VOCAB, 2)) + list(range(1, 27, 2))
+    config.temperature, config.top_k, config.top_p, config.suppress_tokens = 0.7, top_k, 0.8, suppressed
     try:
         for seed in range(3):
             plain, fast = _both(ar, decoder, CASES["t2i batch, left-padded"], seed=seed, do_sample=True)
             assert torch.equal(plain, fast)
+            assert not set(fast[:, -MAX_NEW_TOKENS:].flatten().tolist()) & set(suppressed)
     finally:
-        config.temperature, config.top_k, config.top_p = saved
+        config.temperature, config.top_k, config.top_p, config.suppress_tokens = saved
+
+
+@pytest.mark.parametrize("top_k", [1, 7, 60, 64, 100])
+def test_replaced_processors_give_generates_scores(top_k):
+    """Each replacement returns the original's scores exactly, ties and -inf included."""
+    scores = torch.randn(3, 64, generator=torch.Generator().manual_seed(top_k)).round(decimals=1)  # ties
+    scores[1, :10] = -float("inf")
+    originals = [SuppressTokensLogitsProcessor(range(0, 64, 3)), TopKLogitsWarper(top_k, min_tokens_to_keep=2)]
+    replaced = logits_processors.without_host_syncs(LogitsProcessorList(originals))
+    for original, equivalent in zip(originals, replaced):
+        assert type(equivalent) is not type(original)
+        assert torch.equal(equivalent(None, scores), original(None, scores))
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -21,7 +21,9 @@ What makes it fast:
   decoder directly avoids that function's data-dependent slice (a graph break at Tensor.item() under torch.compile).
 - No host-device synchronisation per token: "all sequences finished" is copied to the host asynchronously and read
   after the next step has been queued, so the GPU always has the next decode step in its queue (like transformers'
-  DeferredStopCheck, without undoing anything: a stop only discards a queued forward, no token, no random draw).
+  DeferredStopCheck, without undoing anything: a stop only discards a queued forward, no token, no random draw);
+  generate()'s processors that would synchronise (suppressed tokens) run as exact equivalents that do not
+  (logits_processors.py).
 
 Tensor parallel (plan.apply_ar_tensor_parallel has sharded the decoder over a group): every rank runs this loop in
 step, its reductions inside the compiled step, and after each sampling rank 0's tokens are broadcast on the device,
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from transformers import StaticCache
 
 from .decode_step import decode_step, fuse_qkv
+from .logits_processors import without_host_syncs
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +273,7 @@ class FastDecoder:
         do_sample = generation_config.do_sample
         max_length = generation_config.max_length
         unfinished_sequences = torch.ones(input_ids.shape[0], dtype=torch.long, device=device)
+        logits_processor = without_host_syncs(logits_processor)  # equal scores; the host stays a step ahead
 
         outputs = model._prefill(input_ids, generation_config, model_kwargs)  # generate()'s own prefill
         logits = outputs.logits
