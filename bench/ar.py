@@ -289,31 +289,17 @@ def _step_profile(decoder, comm=None, steps: int = 50, top: int = 25) -> dict | 
 
 
 def _weight_read_bound(model, device: torch.device) -> dict:
-    """Where a decode step's time must go: the ms to read the weights once at this GPU's measured copy bandwidth,
-    and the ms cuBLAS's one-token matmuls (GEMV) alone take for the decoder's projection shapes (each captured in a
-    CUDA graph, as the compiled step runs them, times its count per token)."""
+    """Where a decode step's time must go: the ms to read the weights once at this GPU's measured copy bandwidth
+    (bench/gemv.py measures the step's matmuls one by one)."""
     weights = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
     weights += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     src = torch.empty(2 * 2**30, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.numel() / _graph_ms(lambda: dst.copy_(src), 10) * 1e3  # a copy reads and writes each byte
     del src, dst
-    layer = model.model.language_model.layers[0]
-    layers = len(model.model.language_model.layers)
-    linears = {name: (module, layers) for name, module in layer.named_modules() if isinstance(module, torch.nn.Linear)}
-    linears["lm_head"] = (model.lm_head, 1)
-    gemv, total = {}, 0.0
-    for name, (linear, count) in linears.items():
-        x = torch.randn(1, 1, linear.in_features, device=device, dtype=linear.weight.dtype)
-        ms = _graph_ms(lambda: linear(x), 50)
-        size = linear.weight.numel() * linear.weight.element_size()
-        gemv[name] = {"shape": list(linear.weight.shape), "ms": round(ms, 4), "tb_per_s": round(size / ms / 1e9, 2),
-                      "per_token": count}
-        total += ms * count
     torch.cuda.empty_cache()
     return {"weights_gb": round(weights / 1e9, 2), "copy_tb_per_s": round(bandwidth / 1e12, 2),
-            "ms_per_token": round(weights / bandwidth * 1e3, 2), "gemv_ms_per_token": round(total, 2),
-            "gemv": gemv}
+            "ms_per_token": round(weights / bandwidth * 1e3, 2)}
 
 
 def _graph_ms(fn, repeats: int) -> float:

@@ -3,7 +3,8 @@ weights: each rank reads 1/N of them per token.
 
 A column-parallel layer keeps some of its output features on each rank; the row-parallel layer after it keeps the
 matching input features and sums the partial outputs over the group (one all-reduce per pair). A model's plan
-chooses the layers and the features (models/<family>/plan.py); nothing here knows a model.
+chooses the layers and the features (models/<family>/plan.py); nothing here knows a model. `linear`, where a
+layer takes it, is the matmul to run (F.linear's signature): a decode step passes its one-row kernel.
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ class RowParallelLinear(nn.Module):
         self.bias = linear.bias
         self.comm, self.group = comm, group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.comm.all_reduce(F.linear(x, self.weight), self.group)
+    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        out = self.comm.all_reduce(linear(x, self.weight), self.group)
         return out if self.bias is None else out + self.bias
 
 
@@ -55,8 +56,8 @@ class GatheredColumnLinear(nn.Module):
                                                                   requires_grad=False)
         self.comm, self.group = comm, group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_gather_last(F.linear(x, self.weight, self.bias), self.group)
+    def forward(self, x: torch.Tensor, linear=F.linear) -> torch.Tensor:
+        return self.comm.all_gather_last(linear(x, self.weight, self.bias), self.group)
 
 
 def features_of_heads(heads: range | list[int], head_dim: int) -> torch.Tensor:

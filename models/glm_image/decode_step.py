@@ -14,15 +14,20 @@ step on an H200, bench/results/glm_ar_profile_*.json, showed the time inside ker
   the whole cache (SDPA's fused kernels ran one block per KV head, 2 of 132 SMs, for one query token).
 - the mask is built once per step from the cache position and the request's attention mask, and the new keys go
   into the static cache through its own update().
-Norms, rope, the MLP, o_proj and lm_head are the model's own modules and functions, so a tensor-parallel plan that
-replaced o_proj / down_proj / lm_head and sharded q/k/v (plan.apply_ar_tensor_parallel, before fuse_qkv) holds here.
+- every matmul is one row times a weight: models/gemv.py's kernel reads the weight once, where cuBLAS's split-K
+  kernels took 9-25% longer per token (bench/results/gemv_h200.json). It applies to 16-bit weights on CUDA only, so
+  float32 keeps F.linear and generate()'s exact numbers.
+Norms, rope and activation are the model's own modules and functions, and o_proj, down_proj and lm_head are called
+as modules (with the kernel as their matmul), so a tensor-parallel plan that replaced o_proj / down_proj / lm_head
+and sharded q/k/v (plan.apply_ar_tensor_parallel, before fuse_qkv) holds here.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.models.glm_image.modeling_glm_image import apply_rotary_pos_emb
+
+from .. import gemv
 
 _QKV_WEIGHT, _QKV_BIAS = "_fused_qkv_weight", "_fused_qkv_bias"  # non-persistent buffers: not in the state dict
 
@@ -65,21 +70,34 @@ def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, atte
         hidden = _attention(layer.self_attn, hidden, cos, sin, visible, layer_cache)
         hidden = residual + layer.post_self_attn_layernorm(hidden)
         residual = hidden
-        hidden = layer.mlp(layer.post_attention_layernorm(hidden))
+        hidden = _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         hidden = residual + layer.post_mlp_layernorm(hidden)
-    return model.lm_head(text.norm(hidden))
+    return _project(model.lm_head, text.norm(hidden))
+
+
+def _project(module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) for an nn.Linear or a tensor-parallel layer (parallel/tensor_parallel.py), its matmul the kernel."""
+    if isinstance(module, nn.Linear):
+        return gemv.linear(x, module.weight, module.bias)
+    return module(x, linear=gemv.linear)
+
+
+def _mlp(mlp, hidden: torch.Tensor) -> torch.Tensor:
+    """GlmImageTextMLP.forward."""
+    gate, up = _project(mlp.gate_up_proj, hidden).chunk(2, dim=-1)
+    return _project(mlp.down_proj, up * mlp.activation_fn(gate))
 
 
 def _attention(attn, hidden, cos, sin, visible, layer_cache) -> torch.Tensor:
     batch, dim = hidden.shape[0], attn.head_dim
-    qkv = F.linear(hidden, getattr(attn, _QKV_WEIGHT), getattr(attn, _QKV_BIAS))
+    qkv = gemv.linear(hidden, getattr(attn, _QKV_WEIGHT), getattr(attn, _QKV_BIAS))
     query, key, value = qkv.split([attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features],
                                   dim=-1)
     query, key, value = (t.view(batch, 1, -1, dim).transpose(1, 2) for t in (query, key, value))
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     keys, values = layer_cache.update(key, value)
     out = packed_gqa_attention(query, keys, values, visible, attn.scaling)
-    return attn.o_proj(out.reshape(batch, 1, -1))
+    return _project(attn.o_proj, out.reshape(batch, 1, -1))
 
 
 def packed_gqa_attention(query, key, value, visible, scale: float) -> torch.Tensor:
