@@ -26,7 +26,7 @@ from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
 from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
 from comfyui_parallel_diffusion.models.glm_image.stages import GlmImage
 from comfyui_parallel_diffusion.models.zimage import tiny as zimage_tiny
-from comfyui_parallel_diffusion.models.zimage.plan import apply_sequence_parallel
+from comfyui_parallel_diffusion.models.zimage import stages as zimage_stages
 from comfyui_parallel_diffusion.models.zimage.stages import ZImage
 from comfyui_parallel_diffusion.parallel import Loader, Parallelism, Stage
 
@@ -126,7 +126,7 @@ def glm_image_ar(scale: str, device, dtype: torch.dtype):
 
 def load_zimage(ctx, *, scale: str) -> ZImage:
     modules = zimage_modules(scale, ctx.device, ctx.dtype, vae=ctx.is_main)
-    apply_sequence_parallel(modules["transformer"], ctx.comm)
+    zimage_stages.setup_transformer(ctx, modules["transformer"])
     model = ZImage(modules["transformer"], dict(zimage_tiny.SCHEDULER_CONFIG))
     model.vae = modules.get("vae")
     return model
@@ -135,7 +135,7 @@ def load_zimage(ctx, *, scale: str) -> ZImage:
 def load_zimage_pipeline(ctx, *, scale: str) -> ZImage:
     """Every component: the DiT on every rank; text encoder, tokenizer and VAE on rank 0 (as models/zimage loads)."""
     modules = zimage_modules(scale, ctx.device, ctx.dtype, vae=ctx.is_main, text=ctx.is_main)
-    apply_sequence_parallel(modules["transformer"], ctx.comm)
+    zimage_stages.setup_transformer(ctx, modules["transformer"])
     return ZImage(scheduler_config=dict(zimage_tiny.SCHEDULER_CONFIG), **modules)
 
 

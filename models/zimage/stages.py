@@ -16,6 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
 from .. import loading
+from ..compile_blocks import compile_blocks
 from .plan import apply_sequence_parallel
 
 PIPELINE = "ZImagePipeline"
@@ -37,13 +38,21 @@ def load(ctx: StageContext, path: str) -> ZImage:
     loading.inspect_model_folder(path, PIPELINE)
     dev, dtype = ctx.device, ctx.dtype
     transformer = loading.load_component(path, "transformer", dtype, dev)
-    apply_sequence_parallel(transformer, ctx.comm)
+    setup_transformer(ctx, transformer)
     model = ZImage(transformer, dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")))
     if ctx.is_main:
         model.text_encoder = loading.load_component(path, "text_encoder", dtype, dev)
         model.tokenizer = loading.load_component(path, "tokenizer")
         model.vae = loading.load_component(path, "vae", dtype, dev)
     return model
+
+
+def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel) -> None:
+    """The loaded DiT as the denoise stage runs it: its sequence-parallel plan installed, its blocks compiled on
+    CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly)."""
+    apply_sequence_parallel(transformer, ctx.comm)
+    if ctx.device.type == "cuda":
+        compile_blocks([*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers])
 
 
 # -- stages ------------------------------------------------------------------------------------------------------
