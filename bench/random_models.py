@@ -161,6 +161,12 @@ def _place(device, dtype: torch.dtype) -> SimpleNamespace:
     return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
 
+# Kernel families by name: NCCL, attention, GEMMs (cuBLAS/CUTLASS), inductor's fused Triton kernels, copies
+KERNEL_KINDS = {"nccl": ("nccl",), "attention": ("flash", "attention"),
+                "gemm": ("gemm", "nvjet", "cutlass", "xmma", "sm90_"), "triton": ("triton_",),
+                "memcpy": ("memcpy", "memset")}
+
+
 def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
     """Run one stage under torch.profiler on every rank; rank 0 returns where its time went."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
@@ -174,10 +180,10 @@ def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
         wall = time.perf_counter() - started
     events = prof.key_averages()
     device_us = sum(e.self_device_time_total for e in events)
-    comm_us = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower())
-    attention_us = sum(e.self_device_time_total for e in events if "flash" in e.key.lower() or "attention" in e.key.lower())
-    return {"rank": ctx.comm.rank, "wall_s": wall, "device_busy_s": device_us / 1e6, "nccl_s": comm_us / 1e6,
-            "attention_kernels_s": attention_us / 1e6,
+    kernels = {name: sum(e.self_device_time_total for e in events if any(k in e.key.lower() for k in keys)) / 1e6
+               for name, keys in KERNEL_KINDS.items()}
+    return {"rank": ctx.comm.rank, "wall_s": wall, "device_busy_s": device_us / 1e6, "nccl_s": kernels.pop("nccl"),
+            "attention_kernels_s": kernels.pop("attention"), **{f"{k}_kernels_s": v for k, v in kernels.items()},
             "top": events.table(sort_by="self_device_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total",
                                 row_limit=14, max_name_column_width=60)}
 

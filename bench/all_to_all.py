@@ -1,0 +1,132 @@
+"""Ulysses all-to-all at the DiT's real sizes: NCCL against a copy-engine pull through CUDA symmetric memory.
+
+    python3 bench/all_to_all.py --gpus 4 --out bench/results/all_to_all_h200x4.json
+
+Each rank sends (p - 1) / p of a buffer shaped as ulysses_attention's send buffer (q, k and v of its sequence
+shard; or the attention output, a third of that) to the other members of its Ulysses group of p ranks (p = 2 uses
+ranks {0,1} and {2,3} at once, as a 4-GPU cfg 2 x ulysses 2 layout would). Timed alone, and next to a bf16 GEMM on
+the compute stream (what overlapping communication with compute would meet). Times: CUDA events around 20 calls
+after a warm-up, median of 5 such batches, on rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from comfyui_parallel_diffusion.parallel import Layout
+from comfyui_parallel_diffusion.parallel.comm import Comm
+from comfyui_parallel_diffusion.parallel.group import free_port
+from comfyui_parallel_diffusion.parallel.worker import join_process_group
+
+HIDDEN, HEAD_DIM = 3840, 128  # Z-Image's DiT; 30 heads are padded to 32 on 4 ranks
+GEMM = 8192  # the side of the square bf16 GEMM the all-to-all meets (about 1.3 ms on an H200)
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    mp.spawn(_rank_main, args=(args,), nprocs=args.gpus)
+
+
+def _rank_main(rank: int, args) -> None:
+    device = join_process_group(args.device, rank, args.gpus)
+    rows = []
+    for p in [int(v) for v in args.degrees.split(",")]:
+        layout = Layout.for_world(args.gpus, cfg=args.gpus // p)
+        nccl, fast = (Comm(layout, rank, device, distributed=True) for _ in range(2))
+        took = fast.enable_fast_all_to_all("ulysses")
+        for tokens in [int(v) for v in args.tokens.split(",")]:
+            for tensors, what in ((3, "qkv"), (1, "out")):
+                rows.append(_measure(nccl, fast, p, tokens, tensors, device) | {"what": what, "fast_path": took})
+                if rank == 0:
+                    print(json.dumps(rows[-1]), flush=True)
+        dist.barrier()
+    if rank == 0:
+        machine = {"host": platform.node(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        if device.type == "cuda":
+            machine |= {"gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+                        "nccl": ".".join(map(str, torch.cuda.nccl.version()))}
+        report = {"machine": machine, "config": vars(args) | {"out": str(args.out)}, "results": rows}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    dist.destroy_process_group()
+
+
+def _measure(nccl: Comm, fast: Comm, p: int, tokens: int, tensors: int, device) -> dict:
+    heads = -(-HIDDEN // HEAD_DIM // p) * p
+    local = -(-tokens // p)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    send = torch.randn(p, tensors, 1, local, heads // p, HEAD_DIM, device=device, dtype=dtype)
+    sent_bytes = send.numel() * send.element_size() * (p - 1) // p
+    a = torch.randn(GEMM, GEMM, device=device, dtype=dtype)
+    row = {"ulysses": p, "tokens": tokens, "bytes_sent_per_rank": sent_bytes,
+           "fast_equals_nccl": bool(torch.equal(nccl.all_to_all(send, "ulysses"), fast.all_to_all(send, "ulysses")))}
+    if device.type == "cuda":
+        row["gemm_ms"] = _ms(lambda: a @ a, device)
+    for comm, name in ((nccl, "nccl"), (fast, "fast")):
+        ms = _ms(lambda: comm.all_to_all(send, "ulysses"), device)
+        row[f"{name}_ms"] = ms
+        row[f"{name}_gb_per_s"] = round(sent_bytes / ms / 1e6, 1)
+        if device.type == "cuda":  # the all-to-all on a side stream while the compute stream multiplies
+            side = torch.cuda.Stream()
+
+            def overlapped():
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    comm.all_to_all(send, "ulysses")
+                a @ a
+                torch.cuda.current_stream().wait_stream(side)
+
+            row[f"{name}_next_to_gemm_ms"] = _ms(overlapped, device)
+    return row
+
+
+def _ms(fn, device, calls: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(5):
+        dist.barrier()
+        if device.type == "cpu":
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - started) * 1e3 / calls)
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return round(statistics.median(times), 4)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, default=4)
+    p.add_argument("--degrees", default="2,4", help="Ulysses degrees to measure (each divides --gpus)")
+    p.add_argument("--tokens", default="4224,16512,3744",
+                   help="unified sequence lengths: Z-Image at 1024x1024, 2048x2048, 720x1280 with a 128-token caption")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="cpu: gloo, NCCL path only (checks the script)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "all_to_all.json")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())
