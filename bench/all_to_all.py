@@ -1,4 +1,4 @@
-"""Ulysses all-to-all at the DiT's real sizes: NCCL against a copy-engine pull through CUDA symmetric memory.
+"""Ulysses all-to-all (NCCL, through Comm) at the DiT's real sizes, alone and next to a GEMM.
 
     python3 bench/all_to_all.py --gpus 4 --out bench/results/all_to_all_h200x4.json
 
@@ -7,6 +7,9 @@ shard; or the attention output, a third of that) to the other members of its Uly
 ranks {0,1} and {2,3} at once, as a 4-GPU cfg 2 x ulysses 2 layout would). Timed alone, and next to a bf16 GEMM on
 the compute stream (what overlapping communication with compute would meet). Times: CUDA events around 20 calls
 after a warm-up, median of 5 such batches, on rank 0.
+
+all_to_all_h200x4.json was made by this script's first version (commit "Prototype: a copy-engine all-to-all"), which
+also timed a copy-engine pull through CUDA symmetric memory: no faster than NCCL, so it was removed.
 """
 from __future__ import annotations
 
@@ -44,11 +47,10 @@ def _rank_main(rank: int, args) -> None:
     rows = []
     for p in [int(v) for v in args.degrees.split(",")]:
         layout = Layout.for_world(args.gpus, cfg=args.gpus // p)
-        nccl, fast = (Comm(layout, rank, device, distributed=True) for _ in range(2))
-        took = fast.enable_fast_all_to_all("ulysses")
+        comm = Comm(layout, rank, device, distributed=True)
         for tokens in [int(v) for v in args.tokens.split(",")]:
             for tensors, what in ((3, "qkv"), (1, "out")):
-                rows.append(_measure(nccl, fast, p, tokens, tensors, device) | {"what": what, "fast_path": took})
+                rows.append(_measure(comm, p, tokens, tensors, device) | {"what": what})
                 if rank == 0:
                     print(json.dumps(rows[-1]), flush=True)
         dist.barrier()
@@ -65,32 +67,27 @@ def _rank_main(rank: int, args) -> None:
     dist.destroy_process_group()
 
 
-def _measure(nccl: Comm, fast: Comm, p: int, tokens: int, tensors: int, device) -> dict:
+def _measure(comm: Comm, p: int, tokens: int, tensors: int, device) -> dict:
     heads = -(-HIDDEN // HEAD_DIM // p) * p
     local = -(-tokens // p)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     send = torch.randn(p, tensors, 1, local, heads // p, HEAD_DIM, device=device, dtype=dtype)
     sent_bytes = send.numel() * send.element_size() * (p - 1) // p
-    a = torch.randn(GEMM, GEMM, device=device, dtype=dtype)
-    row = {"ulysses": p, "tokens": tokens, "bytes_sent_per_rank": sent_bytes,
-           "fast_equals_nccl": bool(torch.equal(nccl.all_to_all(send, "ulysses"), fast.all_to_all(send, "ulysses")))}
-    if device.type == "cuda":
-        row["gemm_ms"] = _ms(lambda: a @ a, device)
-    for comm, name in ((nccl, "nccl"), (fast, "fast")):
-        ms = _ms(lambda: comm.all_to_all(send, "ulysses"), device)
-        row[f"{name}_ms"] = ms
-        row[f"{name}_gb_per_s"] = round(sent_bytes / ms / 1e6, 1)
-        if device.type == "cuda":  # the all-to-all on a side stream while the compute stream multiplies
-            side = torch.cuda.Stream()
+    ms = _ms(lambda: comm.all_to_all(send, "ulysses"), device)
+    row = {"ulysses": p, "tokens": tokens, "bytes_sent_per_rank": sent_bytes, "nccl_ms": ms,
+           "nccl_gb_per_s": round(sent_bytes / ms / 1e6, 1)}
+    if device.type == "cuda":  # the all-to-all on a side stream while the compute stream multiplies
+        a = torch.randn(GEMM, GEMM, device=device, dtype=dtype)
+        side = torch.cuda.Stream()
 
-            def overlapped():
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    comm.all_to_all(send, "ulysses")
-                a @ a
-                torch.cuda.current_stream().wait_stream(side)
+        def overlapped():
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                comm.all_to_all(send, "ulysses")
+            a @ a
+            torch.cuda.current_stream().wait_stream(side)
 
-            row[f"{name}_next_to_gemm_ms"] = _ms(overlapped, device)
+        row |= {"gemm_ms": _ms(lambda: a @ a, device), "nccl_next_to_gemm_ms": _ms(overlapped, device)}
     return row
 
 

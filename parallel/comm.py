@@ -21,7 +21,6 @@ log = logging.getLogger(__name__)
 # NVLink. For a one-token decode step's 8 KB on H200s it took the 4-GPU AR from 4.6 to 3.9 ms/token; on 2 GPUs it
 # measured 14.5 us per sum against NCCL's 12.6 (bench/results/glm_ar_h200x2_gemv.json, *_sync_free_sampling.json)
 SMALL_ALL_REDUCE_BYTES = 256 * 1024
-PULL_BUFFER_BYTES = 64 * 1024 * 1024  # all_to_all's staging buffer at first; grown to the largest call
 
 
 class Comm:
@@ -38,7 +37,6 @@ class Comm:
         self._object_group = None
         # (group, dtype) -> (symmetric buffer, its group's name): all_reduce's path for small sums
         self._small_all_reduce: dict[tuple[str, torch.dtype], tuple[torch.Tensor, str]] = {}
-        self._pull_buffers: dict[str, tuple[torch.Tensor, Any]] = {}  # group -> all_to_all's staging (buffer, handle)
         if distributed:
             self._make_groups()
 
@@ -111,12 +109,9 @@ class Comm:
         return torch.cat(parts, dim=dim)
 
     def all_to_all(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
-        """Dimension 0 holds one equal chunk per group member; member i receives everyone's chunk i. Through the
-        copy engines where enable_fast_all_to_all succeeded, else NCCL."""
+        """Dimension 0 holds one equal chunk per group member; member i receives everyone's chunk i."""
         if self.group_size(group) == 1:
             return tensor
-        if group in self._pull_buffers:
-            return self._pull_all_to_all(tensor, group)
         pg, _ = self._groups[group]
         tensor = tensor.contiguous()  # empty_like keeps a permuted layout, which collectives would scramble
         out = torch.empty_like(tensor)
@@ -143,67 +138,23 @@ class Comm:
         calls it. Where the GPUs cannot map each other's memory, all_reduce stays on NCCL; returns which."""
         if self.group_size(group) == 1 or self.device.type != "cuda" or (group, dtype) in self._small_all_reduce:
             return (group, dtype) in self._small_all_reduce
-        staging = self._symmetric_buffer(group, SMALL_ALL_REDUCE_BYTES // dtype.itemsize, dtype, "all-reduce")
-        if staging is None:
-            return False
-        buffer = staging[0]
-        torch._dynamo.mark_static_address(buffer)  # CUDA graphs must read it in place: peers map this address
-        self._small_all_reduce[(group, dtype)] = (buffer, self._process_group(group).group_name)
-        return True
-
-    def enable_fast_all_to_all(self, group: str) -> bool:
-        """Let all_to_all over `group` pull every member's chunk with the GPU's copy engines from CUDA symmetric
-        memory instead of NCCL's kernels. Every rank of the world calls it; returns whether the group took it (it
-        needs CUDA GPUs that map each other's memory)."""
-        if self.group_size(group) == 1 or self.device.type != "cuda" or group in self._pull_buffers:
-            return group in self._pull_buffers
-        staging = self._symmetric_buffer(group, PULL_BUFFER_BYTES, torch.uint8, "all-to-all")
-        if staging is not None:
-            self._pull_buffers[group] = staging
-        return staging is not None
-
-    def _symmetric_buffer(self, group: str, numel: int, dtype: torch.dtype, what: str
-                          ) -> tuple[torch.Tensor, Any] | None:
-        """A buffer every member of `group` can read and write and its handle (`handle.get_buffer(member, ...)`
-        views any member's copy), or None on every rank alike where any member cannot have one."""
         import torch.distributed._symmetric_memory as symm_mem
 
         name = self._process_group(group).group_name
         try:
             symm_mem.enable_symm_mem_for_group(name)
-            buffer = symm_mem.empty(numel, dtype=dtype, device=self.device)
+            buffer = symm_mem.empty(SMALL_ALL_REDUCE_BYTES // dtype.itemsize, dtype=dtype, device=self.device)
             error = None
         except Exception as exc:  # noqa: BLE001 - any reason: NCCL still works
             error = f"{type(exc).__name__}: {exc}"
         errors = [e for e in self.all_gather_object(error) if e]  # every member must take the same path
         if errors:
-            log.warning("%s stays on NCCL: no symmetric memory (%s)", what, errors[0])
-            return None
-        return buffer, symm_mem.rendezvous(buffer, name)
-
-    def _pull_all_to_all(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
-        """Each member stages its chunks in its symmetric buffer; after a barrier every member copies chunk i from
-        each member's buffer (device-to-device copies over NVLink run on the copy engines, leaving every SM to the
-        model), and a second barrier keeps a buffer from being overwritten while a peer still reads it."""
-        import torch.distributed._symmetric_memory as symm_mem
-
-        buffer, handle = self._pull_buffers[group]
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes > buffer.numel():  # a longer sequence: the group's members (only they) grow their buffers alike
-            del buffer, handle, self._pull_buffers[group]
-            buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=self.device)
-            handle = symm_mem.rendezvous(buffer, self._process_group(group).group_name)
-            self._pull_buffers[group] = buffer, handle
-        chunk = tensor.shape[1:]
-        me, size = self.group_rank(group), self.group_size(group)
-        handle.get_buffer(me, tensor.shape, tensor.dtype).copy_(tensor)
-        handle.barrier(channel=0)
-        out = torch.empty_like(tensor, memory_format=torch.contiguous_format)
-        for step in range(size):  # peers in a rotated order, so members do not all read the same one at once
-            src = (me + step) % size
-            out[src].copy_(handle.get_buffer(src, chunk, tensor.dtype, storage_offset=me * out[0].numel()))
-        handle.barrier(channel=0)
-        return out
+            log.warning("all-reduce stays on NCCL: no symmetric memory (%s)", errors[0])
+            return False
+        symm_mem.rendezvous(buffer, name)
+        torch._dynamo.mark_static_address(buffer)  # CUDA graphs must read it in place: peers map this address
+        self._small_all_reduce[(group, dtype)] = (buffer, name)
+        return True
 
     def all_gather_last(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
         """Concatenate every member's equally-shaped tensor along the last dim (functional, as all_reduce)."""
