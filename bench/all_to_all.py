@@ -5,8 +5,10 @@
 Each rank sends (p - 1) / p of a buffer shaped as ulysses_attention's send buffer (q, k and v of its sequence
 shard; or the attention output, a third of that) to the other members of its Ulysses group of p ranks (p = 2 uses
 ranks {0,1} and {2,3} at once, as a 4-GPU cfg 2 x ulysses 2 layout would). Timed alone, and next to a bf16 GEMM on
-the compute stream (what overlapping communication with compute would meet). Times: CUDA events around 20 calls
-after a warm-up, median of 5 such batches, on rank 0.
+the compute stream. Times: CUDA events around 20 calls after a warm-up, median of 5 such batches, on rank 0.
+On 4x H200 the pair took the sum of their times: no overlap. Here each all-to-all waits for the previous GEMM and
+then starts with the next one, so this shows that a collective launched beside a running cuBLAS GEMM does not
+overlap it, not that communication cannot overlap compute.
 
 all_to_all_h200x4.json was made by this script's first version (commit "Prototype: a copy-engine all-to-all"), which
 also timed a copy-engine pull through CUDA symmetric memory: no faster than NCCL, so it was removed.

@@ -17,10 +17,12 @@ import time
 from types import SimpleNamespace
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from diffusers import AutoencoderKL, GlmImageTransformer2DModel, ZImageTransformer2DModel
 from transformers import ByT5Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
 from comfyui_parallel_diffusion import models
+from comfyui_parallel_diffusion.models.cuda_graph import GraphedCall
 from comfyui_parallel_diffusion.models.glm_image import plan as glm_plan
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
 from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
@@ -188,7 +190,27 @@ def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
                                 row_limit=14, max_name_column_width=60)}
 
 
-STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile)}
+def attention_kernel(ctx, model, *, backend: str, stage: str, inputs: dict):
+    """Run one stage with attention on another SDPA backend (bench/denoise.py's 1-GPU control). Compiled blocks and
+    CUDA graphs fix the kernel when they are made, so both are made anew for it, and again afterwards; torch's
+    compile caches are bypassed, as their keys do not hold the kernel choice (reusing them gave identical bits)."""
+    _remake_compiled(model)
+    try:
+        with sdpa_kernel(getattr(SDPBackend, backend)), torch._inductor.config.patch(fx_graph_cache=False), \
+                torch._functorch.config.patch(enable_autograd_cache=False):
+            return STAGES[stage].fn(ctx, model, **inputs)
+    finally:
+        _remake_compiled(model)
+
+
+def _remake_compiled(model) -> None:
+    torch._dynamo.reset()
+    if isinstance(getattr(model, "predict", None), GraphedCall):
+        model.predict.clear()
+
+
+STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile),
+          "bench.attention_kernel": Stage("bench.attention_kernel", Parallelism.SEQUENCE_PARALLEL, attention_kernel)}
 LOADERS = {**models.LOADERS, "zimage_random": Loader("zimage_random", load_zimage),
            "glm_image_random": Loader("glm_image_random", load_glm_image),
            "zimage_random_pipeline": Loader("zimage_random_pipeline", load_zimage_pipeline),

@@ -5,8 +5,9 @@ runs across ranks. Rank 0 alone holds the text encoder and the VAE; every rank h
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
@@ -17,6 +18,7 @@ from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
 from .. import loading
 from ..compile_blocks import compile_blocks
+from ..cuda_graph import GraphedCall
 from .plan import apply_sequence_parallel
 
 PIPELINE = "ZImagePipeline"
@@ -32,6 +34,12 @@ class ZImage:
     text_encoder: Any = None  # rank 0 only
     tokenizer: Any = None  # rank 0 only
     vae: AutoencoderKL | None = None  # rank 0 only
+    # The DiT call of the denoising loop, predict(x, timestep, embeds); on CUDA replayed as one CUDA graph
+    predict: Callable[..., torch.Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        forward = functools.partial(_forward, self.transformer)
+        self.predict = GraphedCall(forward) if self.transformer.device.type == "cuda" else forward
 
 
 def load(ctx: StageContext, path: str) -> ZImage:
@@ -49,7 +57,8 @@ def load(ctx: StageContext, path: str) -> ZImage:
 
 def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel) -> None:
     """The loaded DiT as the denoise stage runs it: its sequence-parallel plan installed, its blocks compiled on
-    CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly)."""
+    CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA the whole call is also
+    replayed as a CUDA graph (ZImage.predict)."""
     apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
         compile_blocks([*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers])
@@ -106,14 +115,14 @@ def denoise(ctx: StageContext, model: ZImage, *, latents: torch.Tensor, prompt_e
         timestep = model_times[i].expand(latents.shape[0])
         x = latents.to(dtype)
         if not use_cfg:
-            noise_pred = _predict(model, x, timestep, cond)
+            noise_pred = model.predict(x, timestep, cond)
         elif ctx.comm.layout.cfg == 1:  # one batched call, exactly as diffusers runs it
-            both = _predict(model, torch.cat([x, x]), torch.cat([timestep, timestep]), cond + uncond)
+            both = model.predict(torch.cat([x, x]), torch.cat([timestep, timestep]), cond + uncond)
             pos, neg = both.chunk(2)
             noise_pred = pos + guidance * (pos - neg)
         else:
-            pos, neg = run_branches(ctx.comm, [lambda: _predict(model, x, timestep, cond),
-                                               lambda: _predict(model, x, timestep, uncond)])
+            pos, neg = run_branches(ctx.comm, [lambda: model.predict(x, timestep, cond),
+                                               lambda: model.predict(x, timestep, uncond)])
             noise_pred = pos + guidance * (pos - neg)
         latents = scheduler.step(-noise_pred, t, latents, return_dict=False)[0]
         ctx.step(i + 1, len(timesteps))
@@ -131,8 +140,9 @@ def _scheduler(model: ZImage, latents: torch.Tensor, steps: int) -> FlowMatchEul
     return scheduler
 
 
-def _predict(model: ZImage, x: torch.Tensor, timestep: torch.Tensor, embeds: list[torch.Tensor]) -> torch.Tensor:
-    out = model.transformer(list(x.unsqueeze(2).unbind(0)), timestep, embeds, return_dict=False)[0]
+def _forward(transformer: ZImageTransformer2DModel, x: torch.Tensor, timestep: torch.Tensor,
+             embeds: list[torch.Tensor]) -> torch.Tensor:
+    out = transformer(list(x.unsqueeze(2).unbind(0)), timestep, embeds, return_dict=False)[0]
     return torch.stack([o.float() for o in out]).squeeze(2)
 
 
