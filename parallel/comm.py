@@ -7,7 +7,7 @@ degree 1 and every collective is the identity, so stages run unchanged without a
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -110,23 +110,13 @@ class Comm:
 
     def all_to_all(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
         """Dimension 0 holds one equal chunk per group member; member i receives everyone's chunk i."""
-        return self.start_all_to_all(tensor, group)()
-
-    def start_all_to_all(self, tensor: torch.Tensor, group: str) -> Callable[[], torch.Tensor]:
-        """all_to_all, begun: returns the call that waits for it and gives its result. Until then the device goes on
-        with the work issued after it (NCCL runs on its own stream), so communication can hide behind compute."""
         if self.group_size(group) == 1:
-            return lambda: tensor
+            return tensor
         pg, _ = self._groups[group]
         tensor = tensor.contiguous()  # empty_like keeps a permuted layout, which collectives would scramble
         out = torch.empty_like(tensor)
-        work = dist.all_to_all_single(out, tensor, group=pg, async_op=True)
-
-        def finish() -> torch.Tensor:
-            work.wait()
-            return out
-
-        return finish
+        dist.all_to_all_single(out, tensor, group=pg)
+        return out
 
     def all_reduce(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
         """The elementwise sum over the group, on every member: a functional collective, or for a small sum where

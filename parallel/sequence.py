@@ -176,64 +176,41 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
     return attention
 
 
-@torch.compiler.disable  # runs eagerly inside compiled blocks: each all-to-all is waited for where its result is used
 def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_valid: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
     """q (B, Sq_local, H, D), k/v (B, Sk_local, H, D) -> (B, Sq_local, H, D) attending over every rank's keys.
 
     Heads are padded to a multiple of the Ulysses degree (Z-Image's 30 heads on 4 or 8 ranks); padded heads are
-    zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads. Each rank's heads go
-    in two groups, pipelined: the second group's inputs travel while the first group attends, and the first group's
-    output travels back while the second attends. Attention is per head, so the result is the same as in one go."""
+    zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads."""
     p = comm.layout.ulysses
     heads = q.shape[2]
     pad = (-heads) % p
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    b, s, h, d = q.shape
-    together = [(q, k, v)] if q.shape == k.shape else [(q,), (k, v)]  # keys with a prefix (a KV cache) differ
-    groups = _head_groups(h // p) if p > 1 else [slice(0, h)]
-    arriving = [[_start_seq_to_heads(comm, xs, p, g) for xs in together] for g in groups]
+    if q.shape == k.shape:  # one all-to-all carries q, k and v: fewer, larger messages
+        q, k, v = _seq_to_heads(comm, (q, k, v), p)
+    else:  # keys carry a prefix (a KV cache): lengths differ
+        (q,), (k, v) = _seq_to_heads(comm, (q,), p), _seq_to_heads(comm, (k, v), p)
     mask = None if key_valid is None else key_valid[:, None, None, :]
-    leaving = []
-    for group, parts in zip(groups, arriving):
-        qg, kg, vg = (t for part in parts for t in part())
-        out = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
-                                             attn_mask=mask, scale=scale).transpose(1, 2)
-        leaving.append((group, _start_heads_to_seq(comm, out, p)))
-    out = q.new_empty(b, s, p, h // p, d)  # heads as _start_seq_to_heads splits them: (rank, head in rank)
-    for group, finish in leaving:
-        out[:, :, :, group] = finish()
-    out = out.view(b, s, h, d)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale).transpose(1, 2)
+    out = _heads_to_seq(comm, out, p)
     return out[:, :, :heads] if pad else out
 
 
-def _head_groups(heads: int) -> list[slice]:
-    half = (heads + 1) // 2
-    return [slice(0, half), slice(half, heads)] if heads > 1 else [slice(0, heads)]
-
-
-def _start_seq_to_heads(comm: Comm, xs: tuple[torch.Tensor, ...], p: int, heads: slice
-                        ) -> Callable[[], tuple[torch.Tensor, ...]]:
-    """Each (B, S_local, H, D) -> (B, p * S_local, len(heads), D), begun: gather the sequence, keep `heads` of this
-    rank's head slice. Returns the call that waits for the result."""
+def _seq_to_heads(comm: Comm, xs: tuple[torch.Tensor, ...], p: int) -> tuple[torch.Tensor, ...]:
+    """Each (B, S_local, H, D) -> (B, p * S_local, H / p, D): gather the sequence, keep this rank's head slice."""
     b, s, h, d = xs[0].shape
-    count = heads.stop - heads.start
-    send = xs[0].new_empty(p, len(xs), b, s, count, d)
+    send = xs[0].new_empty(p, len(xs), b, s, h // p, d)
     for i, x in enumerate(xs):  # one copy per tensor straight into the send layout
-        send[:, i].copy_(x.reshape(b, s, p, h // p, d)[:, :, :, heads].permute(2, 0, 1, 3, 4))
-    finish = comm.start_all_to_all(send, "ulysses")  # dim 0 is now the source rank, i.e. the sequence chunk
-
-    def unpack() -> tuple[torch.Tensor, ...]:
-        recv = finish()
-        return tuple(recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), b, p * s, count, d).unbind(0))
-
-    return unpack
+        send[:, i].copy_(x.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4))
+    recv = comm.all_to_all(send, "ulysses")  # dim 0 is now the source rank, i.e. the sequence chunk
+    return tuple(recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), b, p * s, h // p, d).unbind(0))
 
 
-def _start_heads_to_seq(comm: Comm, x: torch.Tensor, p: int) -> Callable[[], torch.Tensor]:
-    """(B, p * S_local, G, D) -> (B, S_local, p, G, D), begun: the inverse of _start_seq_to_heads for one head
-    group, with the source rank (the head slice it came from) as dim 2."""
-    b, s, g, d = x.shape
-    finish = comm.start_all_to_all(x.reshape(b, p, s // p, g, d).permute(1, 0, 2, 3, 4), "ulysses")
-    return lambda: finish().permute(1, 2, 0, 3, 4)
+def _heads_to_seq(comm: Comm, x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, p * S_local, H / p, D) -> (B, S_local, H, D): the inverse of _seq_to_heads."""
+    b, s, h, d = x.shape
+    x = x.reshape(b, p, s // p, h, d).permute(1, 0, 2, 3, 4)
+    x = comm.all_to_all(x, "ulysses")  # dim 0 is now the source rank, i.e. the head group
+    return x.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h, d)
