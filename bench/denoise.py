@@ -85,7 +85,8 @@ def main(argv=None) -> None:
         for height, width in sizes:
             inputs = workload.inputs(runner, height, width)
             row = _measure(runner, workload, inputs, args)
-            if args.model == "zimage":  # a user's next prompt: a caption length the CUDA graph has not seen
+            if args.model == "zimage":  # a user's next prompt: a caption length the CUDA graph has not seen (the
+                # first such request per worker group also recompiles the caption blocks for a dynamic length)
                 other = workload.inputs(runner, height, width, caption_tokens=args.caption_tokens + 5)
                 started = time.perf_counter()
                 runner.run("zimage.denoise", "bench", other)
