@@ -8,7 +8,8 @@ model's patchify, rotary and padding glue). On 4 GPUs each rank's share of the w
 cannot launch it as fast as the GPU runs it, and every host hiccup on one rank stalls the others in the next
 all-to-all (a 1024x1024 Z-Image profile: 0.11-0.41 s per rank waiting in NCCL against ~37 ms of transfer,
 bench/results/zimage_turbo_denoise_1024_h200x4_compiled_profile.json). Replayed from a graph, each rank's kernels,
-NCCL's included, run back to back at GPU speed: 4 H200s 0.311 -> 0.279 s, each rank busy 92-96% of the run
+NCCL's included, run back to back at GPU speed: on 4 H200s 0.311 s (the profile run above) -> 0.279 s
+(zimage_turbo_denoise_h200x4_graphs.json), each rank busy 92-96% of the run
 (zimage_turbo_denoise_1024_h200x4_graphs_profile.json).
 
 A graph is captured per input signature (shapes, dtypes, devices and nesting); one is kept, so a new signature
