@@ -27,18 +27,24 @@ class Stream:
     sp: int
     local_len: int
     valid: torch.Tensor | None  # (B, sp * local_len) bool; None when every position is a real token
+    masked: bool = False  # `valid` holds a caller's key mask, not only the padding added here
 
     @classmethod
     def plan(cls, full_len: int, sp: int, valid: torch.Tensor | None, batch: int, device: torch.device) -> "Stream":
         local_len = -(-full_len // sp)
         pad = local_len * sp - full_len
+        masked = valid is not None
         if pad:
             if valid is None:
                 valid = torch.ones(batch, full_len, dtype=torch.bool, device=device)
             valid = F.pad(valid, (0, pad), value=False)
         elif valid is not None:
             valid = valid.bool()
-        return cls(full_len, sp, local_len, valid)
+        return cls(full_len, sp, local_len, valid, masked)
+
+    def real_len(self, rank: int) -> int:
+        """How many of `rank`'s local positions are real tokens (the padding sits at the stream's end)."""
+        return min(max(self.full_len - rank * self.local_len, 0), self.local_len)
 
     def split(self, x: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
         pad = self.local_len * self.sp - x.shape[dim]
@@ -67,6 +73,22 @@ class Region:
     device: torch.device
     rope: dict[str, Any] = field(default_factory=dict)  # local rotary tables, computed once per region
     key_prefix: list[torch.Tensor] | None = None  # per SP rank: valid mask of keys prepended to the local ones
+
+    def key_runs(self) -> list[tuple[int, int]] | None:
+        """The real keys of the gathered (rank-major) key sequence as [start, stop) runs, when the sharding's own
+        padding is all that is not real (known on the host: no mask to read); else None, and key_valid() applies."""
+        if self.key_prefix is not None or any(self.streams[n].masked for n in self.order):
+            return None
+        runs, pos = [], 0
+        for r in range(self.comm.layout.sp):
+            for stream in (self.streams[n] for n in self.order):
+                real = stream.real_len(r)
+                if real and runs and runs[-1][1] == pos:
+                    runs[-1] = (runs[-1][0], pos + real)
+                elif real:
+                    runs.append((pos, pos + real))
+                pos += stream.local_len
+        return runs
 
     def key_valid(self) -> torch.Tensor | None:
         """(B, gathered keys) validity in rank-major order, or None when no key is padding."""
@@ -170,16 +192,22 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
                             scale=scale, **kwargs)
         if attn_mask is not None or is_causal or dropout_p:
             raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
-        return ulysses_attention(region.comm, query, key, value, region.key_valid(), scale)
+        runs = region.key_runs()
+        return ulysses_attention(region.comm, query, key, value, region.key_valid() if runs is None else None, scale,
+                                 key_runs=runs)
 
     attention.sequence_parallel = True
     return attention
 
 
 def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      key_valid: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
+                      key_valid: torch.Tensor | None, scale: float | None = None,
+                      key_runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """q (B, Sq_local, H, D), k/v (B, Sk_local, H, D) -> (B, Sq_local, H, D) attending over every rank's keys.
 
+    Which gathered keys are real: `key_runs`, [start, stop) ranges (the keys outside them are dropped before
+    attention), or `key_valid`, a (B, keys) mask; neither: all. Dropping keys instead of masking them keeps SDPA on
+    its fastest kernels, which take no mask (GLM-Image's 1-token negative prompt is padded on every degree).
     Heads are padded to a multiple of the Ulysses degree (Z-Image's 30 heads on 4 or 8 ranks); padded heads are
     zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads."""
     p = comm.layout.ulysses
@@ -191,6 +219,8 @@ def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q, k, v = _seq_to_heads(comm, (q, k, v), p)
     else:  # keys carry a prefix (a KV cache): lengths differ
         (q,), (k, v) = _seq_to_heads(comm, (q,), p), _seq_to_heads(comm, (k, v), p)
+    if key_runs is not None and key_runs != [(0, k.shape[1])]:
+        k, v = (torch.cat([t[:, start:stop] for start, stop in key_runs], dim=1) for t in (k, v))
     mask = None if key_valid is None else key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale).transpose(1, 2)

@@ -5,22 +5,29 @@ import torch.nn.functional as F
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.parallel import Parallelism, Stage
-from comfyui_parallel_diffusion.parallel.sequence import Stream, ulysses_attention
+from comfyui_parallel_diffusion.parallel.sequence import Region, Stream, ulysses_attention
 
 
-def ulysses_error(ctx, model, *, batch: int, length: int, heads: int, head_dim: int, padded_from: int):
-    """Ulysses over random q/k/v against full-sequence SDPA; batch item 1 has its keys past `padded_from` masked."""
+def ulysses_error(ctx, model, *, batch: int, length: int, heads: int, head_dim: int, padded_from: int | None):
+    """Ulysses over random q/k/v against full-sequence SDPA, as the routed attention calls it. With `padded_from`,
+    batch item -1 has its keys from there on masked (a device mask); without, the only non-keys are the sharding's
+    own padding, which the region drops by its key runs."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, length, heads, head_dim, generator=gen) for _ in range(3))
     valid = torch.ones(batch, length, dtype=torch.bool)
-    valid[-1, padded_from:] = False
+    if padded_from is not None:
+        valid[-1, padded_from:] = False
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=valid[:, None, None, :]).transpose(1, 2)
-    sp, rank = ctx.comm.layout.sp, ctx.comm.sp_rank
-    stream = Stream.plan(length, sp, valid, batch, q.device)
+    rank = ctx.comm.sp_rank
+    stream = Stream.plan(length, ctx.comm.layout.sp, None if padded_from is None else valid, batch, q.device)
+    region = Region(ctx.comm, {"x": stream}, ["x"], batch, q.device)
+    runs = region.key_runs()
+    if (runs is None) != (padded_from is not None):
+        raise AssertionError(f"key runs {runs} for padded_from={padded_from}")
     local = [stream.split(t, rank, dim=1) for t in (q, k, v)]
-    key_valid = torch.cat([stream.local_valid(r, batch, q.device) for r in range(sp)], dim=1)
-    out = stream.gather(ctx.comm, ulysses_attention(ctx.comm, *local, key_valid), dim=1)
+    out = ulysses_attention(ctx.comm, *local, region.key_valid() if runs is None else None, key_runs=runs)
+    out = stream.gather(ctx.comm, out, dim=1)
     real = valid[..., None, None]
     return ((out - ref).abs() * real).max().item()
 

@@ -20,10 +20,12 @@ def group(request, tiny_zimage):
     group.close()
 
 
+@pytest.mark.parametrize("masked", [True, False], ids=["key mask", "key runs"])
 @pytest.mark.parametrize("length,heads", [(37, 5), (64, 3), (5, 30)])
-def test_ulysses_attention_equals_full_attention(group, length, heads):
+def test_ulysses_attention_equals_full_attention(group, length, heads, masked):
     errors = group.run("probe.ulysses_error", None,
-                       {"batch": 2, "length": length, "heads": heads, "head_dim": 8, "padded_from": length - 3},
+                       {"batch": 2, "length": length, "heads": heads, "head_dim": 8,
+                        "padded_from": length - 3 if masked else None},
                        collect="all")
     assert max(errors) <= 1e-6, errors
 
