@@ -23,7 +23,6 @@ from transformers import ByT5Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5Enc
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.cuda_graph import GraphedCall
-from comfyui_parallel_diffusion.models.glm_image import plan as glm_plan
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
 from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
 from comfyui_parallel_diffusion.models.glm_image.stages import GlmImage
@@ -143,9 +142,9 @@ def load_zimage_pipeline(ctx, *, scale: str) -> ZImage:
 
 def load_glm_image(ctx, *, scale: str) -> GlmImage:
     """The DiT, glyph encoder and VAE that prepare/denoise/decode use; the AR model is benchmarked in bench/ar.py."""
-    model = GlmImage(**glm_image_modules(scale, ctx.device, ctx.dtype), scheduler_config=dict(GLM_SCHEDULER))
-    model.sp_hooks = glm_plan.apply_sequence_parallel(model.transformer, ctx.comm)
-    return model
+    modules = glm_image_modules(scale, ctx.device, ctx.dtype)
+    sp_hooks = glm_stages.setup_transformer(ctx, modules["transformer"])
+    return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER), sp_hooks=sp_hooks)
 
 
 def load_glm_image_pipeline(ctx, *, scale: str, ar_tensor_parallel: bool | None = None) -> GlmImage:
@@ -205,8 +204,10 @@ def attention_kernel(ctx, model, *, backend: str, stage: str, inputs: dict):
 
 def _remake_compiled(model) -> None:
     torch._dynamo.reset()
-    if isinstance(getattr(model, "predict", None), GraphedCall):
-        model.predict.clear()
+    calls = model.predict.values() if isinstance(model.predict, dict) else [model.predict]  # GLM: per branch
+    for call in calls:
+        if isinstance(call, GraphedCall):
+            call.clear()
 
 
 STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile),

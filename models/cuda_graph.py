@@ -1,6 +1,7 @@
 """A whole model call replayed as one CUDA graph.
 
     predict = GraphedCall(fn)      # fn(*args): args and result are tensors or lists/tuples of them
+    predict = graphed_on(device, fn)   # a GraphedCall on a CUDA device, fn itself elsewhere
     out = predict(x, t, embeds)    # the first WARMUP calls of a signature run fn; the next captures, then replays
 
 Why: a DiT forward launches thousands of kernels from Python (the blocks' compiled code, the all-to-alls, the
@@ -28,6 +29,10 @@ from torch.utils import _pytree as pytree
 # Real calls before the capture: the first compiles (the blocks, with a dynamic length once they see a second one);
 # the second must then find nothing left to compile, since compiling inside a capture would fail.
 WARMUP = 2
+
+
+def graphed_on(device: torch.device, fn: Callable[..., Any]) -> Callable[..., Any]:
+    return GraphedCall(fn) if device.type == "cuda" else fn
 
 
 class GraphedCall:

@@ -6,6 +6,7 @@ import torch
 
 from comfyui_parallel_diffusion.models import loading
 from comfyui_parallel_diffusion.models.cuda_graph import WARMUP, GraphedCall
+from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
 from comfyui_parallel_diffusion.models.zimage.stages import ZImage, _forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -48,3 +49,21 @@ def test_zimage_denoising_call_replayed_equals_eager(tiny_zimage):
             x = torch.randn(1, transformer.in_channels, 10, 14, generator=gen).cuda()
             t = torch.full((1,), 1 - step / 10, device="cuda")
             assert torch.equal(model.predict(x, t, embeds), _forward(transformer, x, t, embeds))
+
+
+def test_glm_image_denoising_calls_replayed_equal_eager(tiny_glm_image):
+    transformer = loading.load_component(tiny_glm_image, "transformer", torch.float32, "cuda")
+    model = glm_stages.GlmImage(transformer, None, None, None, {})
+    config = transformer.config
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, config.in_channels, 8, 12, generator=gen).cuda()
+    prior = torch.randint(0, config.prior_vq_quantizer_codebook_size, (1, 24), generator=gen).cuda()
+    rope = tuple(t.cuda() for t in transformer.rope(x))
+    size, crop = torch.tensor([[64.0, 96.0]], device="cuda"), torch.zeros(1, 2, device="cuda")
+    with torch.no_grad():
+        for step in range(WARMUP + 3):
+            t = torch.full((1,), 999.0 - step, device="cuda")
+            for drop, glyphs in ((False, 7), (True, 1)):  # the branches alternate, as on one GPU
+                embeds = torch.randn(1, glyphs, config.text_embed_dim, generator=gen).cuda()
+                args = (x, prior, embeds, t, size, crop, rope)
+                assert torch.equal(model.predict[drop](*args), glm_stages._forward(transformer, drop, *args))

@@ -19,9 +19,10 @@ Batches: any number of prompts for text-to-image; editing (condition images) tak
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import PIL.Image
@@ -35,6 +36,8 @@ from transformers import GlmImageForConditionalGeneration, GlmImageProcessor, St
 from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
 from .. import loading
+from ..compile_blocks import compile_blocks
+from ..cuda_graph import graphed_on
 from . import ar_decode
 from .plan import apply_ar_tensor_parallel, apply_sequence_parallel
 
@@ -56,6 +59,13 @@ class GlmImage:
     processor: Any = None  # GlmImageProcessor, where the AR runs
     ar_tensor_parallel: bool = False
     sp_hooks: list = field(default_factory=list)
+    # The denoising loop's DiT call, per guidance branch (False: conditional, True: prior tokens dropped); on CUDA
+    # each is replayed as its own CUDA graph (the branches' glyph lengths differ, and a GraphedCall keeps one graph)
+    predict: dict[bool, Callable[..., torch.Tensor]] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.predict = {drop: graphed_on(self.transformer.device, functools.partial(_forward, self.transformer, drop))
+                        for drop in (False, True)}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -71,12 +81,15 @@ def load(ctx: StageContext, path: str, ar_tensor_parallel: bool | None = None) -
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
     if scheduler_config.get("stochastic_sampling"):
         raise loading.ModelFolderError(f"{path}: a stochastic-sampling scheduler is not supported")
+    transformer = loading.load_component(path, "transformer", dtype, dev).eval()
+    sp_hooks = setup_transformer(ctx, transformer)
     model = GlmImage(
-        transformer=loading.load_component(path, "transformer", dtype, dev).eval(),
+        transformer=transformer,
         text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval(),
         tokenizer=loading.load_component(path, "tokenizer"),
         vae=loading.load_component(path, "vae", dtype, dev).eval(),
         scheduler_config=scheduler_config,
+        sp_hooks=sp_hooks,
     )
     model.ar_tensor_parallel = wants_ar_tensor_parallel(ctx, ar_tensor_parallel)
     if ctx.is_main or model.ar_tensor_parallel:
@@ -86,8 +99,17 @@ def load(ctx: StageContext, path: str, ar_tensor_parallel: bool | None = None) -
                   loading.load_component(path, "vision_language_encoder", dtype, dev,
                                          cls=GlmImageForConditionalGeneration).eval(),
                   loading.load_component(path, "processor", cls=GlmImageProcessor))
-    model.sp_hooks = apply_sequence_parallel(model.transformer, ctx.comm)
     return model
+
+
+def setup_transformer(ctx: StageContext, transformer) -> list:
+    """The loaded DiT as the denoise stage runs it: its sequence-parallel plan installed (returns the hooks), its
+    blocks compiled on CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA the
+    whole call is also replayed as a CUDA graph (GlmImage.predict)."""
+    hooks = apply_sequence_parallel(transformer, ctx.comm)
+    if ctx.device.type == "cuda":
+        compile_blocks(list(transformer.transformer_blocks))
+    return hooks
 
 
 def wants_ar_tensor_parallel(ctx: StageContext, requested: bool | None) -> bool:
@@ -351,32 +373,33 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     cond_embeds = prompt_embeds.to(dev, dtype)
     uncond_embeds = negative_prompt_embeds.to(dev, dtype) if use_cfg else None
     target_size, crop_coords = target_size.to(dev), crop_coords.to(dev)
-    keep, drop = torch.zeros_like(prior, dtype=torch.bool), torch.ones_like(prior, dtype=torch.bool)
 
-    kv_caches = GlmImageKVCache(num_layers=transformer.config.num_layers)
+    kv_caches = None
     if editing:
+        kv_caches = GlmImageKVCache(num_layers=transformer.config.num_layers)
         kv_caches.set_mode("write")
         for latent, ids in zip(condition_latents, condition_prior_token_ids):
             latent, ids = latent.to(dev, dtype), ids.to(dev)
-            transformer(hidden_states=latent, encoder_hidden_states=cond_embeds.new_zeros(1, 0, cond_embeds.shape[2]),
-                        prior_token_id=ids, prior_token_drop=torch.zeros_like(ids, dtype=torch.bool),
-                        timestep=torch.zeros((1,), device=dev),
-                        target_size=torch.tensor([latent.shape[-2:]], device=dev) * model.vae_scale_factor,
-                        crop_coords=torch.zeros((1, 2), device=dev), kv_caches=kv_caches)
+            with torch.compiler.set_stance("force_eager"):
+                _forward(transformer, False, latent, ids, cond_embeds.new_zeros(1, 0, cond_embeds.shape[2]),
+                         torch.zeros((1,), device=dev),
+                         torch.tensor([latent.shape[-2:]], device=dev) * model.vae_scale_factor,
+                         torch.zeros((1, 2), device=dev), None, kv_caches)
         kv_caches.next_sample()
 
     # The DiT computes its rotary tables on the CPU at every call; once per request on the device instead keeps the
     # CPU (shared by all ranks) and host-to-device copies out of the loop.
     rope = tuple(t.to(dev) for t in transformer.rope(latents))
 
-    def predict(embeds, drop_prior, mode):
+    def predict(embeds, drop_prior: bool, mode: str):
         def call() -> torch.Tensor:
-            if editing:
-                kv_caches.set_mode(mode)
-            return transformer(hidden_states=x, encoder_hidden_states=embeds, prior_token_id=prior,
-                               prior_token_drop=drop_prior, timestep=timestep, target_size=target_size,
-                               crop_coords=crop_coords, return_dict=False, kv_caches=kv_caches,
-                               image_rotary_emb=rope)[0].float()
+            args = (x, prior, embeds, timestep, target_size, crop_coords, rope)
+            if not editing:
+                return model.predict[drop_prior](*args)
+            # The condition-image KV cache is Python state, which compiled code and graphs would freeze: eager
+            kv_caches.set_mode(mode)
+            with torch.compiler.set_stance("force_eager"):
+                return _forward(transformer, drop_prior, *args, kv_caches)
         return call
 
     total = len(timesteps)
@@ -385,16 +408,29 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     for i, t in enumerate(timesteps.to(dev)):
         x = latents.to(dtype)
         timestep = t.expand(latents.shape[0]) - 1
-        branches = [predict(cond_embeds, keep, "read")]
+        branches = [predict(cond_embeds, False, "read")]
         if use_cfg:
-            branches.append(predict(uncond_embeds, drop, "skip"))
+            branches.append(predict(uncond_embeds, True, "skip"))
         preds = run_branches(ctx.comm, branches)
         noise_pred = preds[1] + guidance * (preds[0] - preds[1]) if use_cfg else preds[0]
         # FlowMatchEulerDiscreteScheduler.step: float32 Euler update, cast to the prediction's dtype
         latents = (latents.float() + step_sizes[i] * noise_pred).to(noise_pred.dtype)
         ctx.step(i + 1, total)
-    kv_caches.clear()
+    if editing:
+        kv_caches.clear()
     return latents.cpu()
+
+
+def _forward(transformer, drop_prior: bool, x: torch.Tensor, prior: torch.Tensor, embeds: torch.Tensor,
+             timestep: torch.Tensor, target_size: torch.Tensor, crop_coords: torch.Tensor, rope, kv_caches=None
+             ) -> torch.Tensor:
+    """One DiT call, its prior tokens all kept or all dropped. The drop goes in as a Python bool: the DiT zeroes
+    `prior_embedding[prior_token_drop]`, and a bool indexes as numpy's does (all of it, or none), where a mask tensor
+    would make the host wait for the GPU (and cannot be captured in a CUDA graph)."""
+    return transformer(hidden_states=x, encoder_hidden_states=embeds, prior_token_id=prior,
+                       prior_token_drop=drop_prior, timestep=timestep, target_size=target_size,
+                       crop_coords=crop_coords, return_dict=False, kv_caches=kv_caches,
+                       image_rotary_emb=rope)[0].float()
 
 
 # -- glm_image.decode --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
 from .. import loading
 from ..compile_blocks import compile_blocks
-from ..cuda_graph import GraphedCall
+from ..cuda_graph import graphed_on
 from .plan import apply_sequence_parallel
 
 PIPELINE = "ZImagePipeline"
@@ -38,8 +38,7 @@ class ZImage:
     predict: Callable[..., torch.Tensor] = field(init=False, repr=False)
 
     def __post_init__(self):
-        forward = functools.partial(_forward, self.transformer)
-        self.predict = GraphedCall(forward) if self.transformer.device.type == "cuda" else forward
+        self.predict = graphed_on(self.transformer.device, functools.partial(_forward, self.transformer))
 
 
 def load(ctx: StageContext, path: str) -> ZImage:
