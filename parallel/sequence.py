@@ -73,22 +73,22 @@ class Region:
     device: torch.device
     rope: dict[str, Any] = field(default_factory=dict)  # local rotary tables, computed once per region
     key_prefix: list[torch.Tensor] | None = None  # per SP rank: valid mask of keys prepended to the local ones
+    key_index: torch.Tensor | None = None  # real_keys(), set on entry
 
-    def key_runs(self) -> list[tuple[int, int]] | None:
-        """The real keys of the gathered (rank-major) key sequence as [start, stop) runs, when the sharding's own
-        padding is all that is not real (known on the host: no mask to read); else None, and key_valid() applies."""
+    def real_keys(self) -> torch.Tensor | None:
+        """Positions of the real keys in the gathered (rank-major) key sequence, when the sharding's own padding is
+        all that is not real (known on the host: no mask to read); None when a caller's mask or a key prefix
+        decides (key_valid()). Built on the device once per region, outside compiled code, and given even when no
+        key is padding: the compiled blocks then see one kind of input whatever the text length, and do not
+        recompile for each new one (computing it inside them from the streams' lengths did, on every length)."""
         if self.key_prefix is not None or any(self.streams[n].masked for n in self.order):
             return None
         runs, pos = [], 0
         for r in range(self.comm.layout.sp):
             for stream in (self.streams[n] for n in self.order):
-                real = stream.real_len(r)
-                if real and runs and runs[-1][1] == pos:
-                    runs[-1] = (runs[-1][0], pos + real)
-                elif real:
-                    runs.append((pos, pos + real))
+                runs.append((pos, pos + stream.real_len(r)))
                 pos += stream.local_len
-        return runs
+        return torch.cat([torch.arange(start, stop, device=self.device) for start, stop in runs])
 
     def key_valid(self) -> torch.Tensor | None:
         """(B, gathered keys) validity in rank-major order, or None when no key is padding."""
@@ -143,6 +143,7 @@ def shard_blocks(blocks: Sequence[nn.Module], comm: Comm, spec: BlockSpec) -> li
         for arg, (stream, dim) in spec.rope.items():
             if call.get(arg) is not None:
                 region.rope[arg] = _map_tensors(call[arg], lambda t: streams[stream].split(t, rank, dim))
+        region.key_index = region.real_keys()
         _active = region
         return (), _local_args(module, call, region)
 
@@ -192,9 +193,9 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
                             scale=scale, **kwargs)
         if attn_mask is not None or is_causal or dropout_p:
             raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
-        runs = region.key_runs()
-        return ulysses_attention(region.comm, query, key, value, region.key_valid() if runs is None else None, scale,
-                                 key_runs=runs)
+        index = region.key_index
+        return ulysses_attention(region.comm, query, key, value, region.key_valid() if index is None else None, scale,
+                                 key_index=index)
 
     attention.sequence_parallel = True
     return attention
@@ -202,11 +203,11 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
 
 def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_valid: torch.Tensor | None, scale: float | None = None,
-                      key_runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
+                      key_index: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Sq_local, H, D), k/v (B, Sk_local, H, D) -> (B, Sq_local, H, D) attending over every rank's keys.
 
-    Which gathered keys are real: `key_runs`, [start, stop) ranges (the keys outside them are dropped before
-    attention), or `key_valid`, a (B, keys) mask; neither: all. Dropping keys instead of masking them keeps SDPA on
+    Which gathered keys are real: `key_index`, their positions (the others are dropped before attention), or
+    `key_valid`, a (B, keys) mask; neither: all. Dropping keys instead of masking them keeps SDPA on
     its fastest kernels, which take no mask (GLM-Image's 1-token negative prompt is padded on every degree).
     Heads are padded to a multiple of the Ulysses degree (Z-Image's 30 heads on 4 or 8 ranks); padded heads are
     zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads."""
@@ -219,8 +220,8 @@ def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         q, k, v = _seq_to_heads(comm, (q, k, v), p)
     else:  # keys carry a prefix (a KV cache): lengths differ
         (q,), (k, v) = _seq_to_heads(comm, (q,), p), _seq_to_heads(comm, (k, v), p)
-    if key_runs is not None and key_runs != [(0, k.shape[1])]:
-        k, v = (torch.cat([t[:, start:stop] for start, stop in key_runs], dim=1) for t in (k, v))
+    if key_index is not None:
+        k, v = k.index_select(1, key_index), v.index_select(1, key_index)
     mask = None if key_valid is None else key_valid[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=mask, scale=scale).transpose(1, 2)

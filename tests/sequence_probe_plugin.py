@@ -1,7 +1,10 @@
 """A plugin for the sequence-parallel tests: stages that look inside the sharding instead of only at its result.
 Workers import it by name through WorkerGroup(extra_sys_path=[tests/])."""
+import types
+
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.parallel import Parallelism, Stage
@@ -11,7 +14,7 @@ from comfyui_parallel_diffusion.parallel.sequence import Region, Stream, ulysses
 def ulysses_error(ctx, model, *, batch: int, length: int, heads: int, head_dim: int, padded_from: int | None):
     """Ulysses over random q/k/v against full-sequence SDPA, as the routed attention calls it. With `padded_from`,
     batch item -1 has its keys from there on masked (a device mask); without, the only non-keys are the sharding's
-    own padding, which the region drops by its key runs."""
+    own padding, which the region drops by position (real_keys)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, length, heads, head_dim, generator=gen) for _ in range(3))
     valid = torch.ones(batch, length, dtype=torch.bool)
@@ -22,11 +25,11 @@ def ulysses_error(ctx, model, *, batch: int, length: int, heads: int, head_dim: 
     rank = ctx.comm.sp_rank
     stream = Stream.plan(length, ctx.comm.layout.sp, None if padded_from is None else valid, batch, q.device)
     region = Region(ctx.comm, {"x": stream}, ["x"], batch, q.device)
-    runs = region.key_runs()
-    if (runs is None) != (padded_from is not None):
-        raise AssertionError(f"key runs {runs} for padded_from={padded_from}")
+    index = region.real_keys()
+    if (index is None) != (padded_from is not None):
+        raise AssertionError(f"real keys {index} for padded_from={padded_from}")
     local = [stream.split(t, rank, dim=1) for t in (q, k, v)]
-    out = ulysses_attention(ctx.comm, *local, region.key_valid() if runs is None else None, key_runs=runs)
+    out = ulysses_attention(ctx.comm, *local, region.key_valid() if index is None else None, key_index=index)
     out = stream.gather(ctx.comm, out, dim=1)
     real = valid[..., None, None]
     return ((out - ref).abs() * real).max().item()
@@ -54,7 +57,39 @@ def shard_lengths(ctx, model, *, height: int, width: int, prompt_embeds):
     return seen
 
 
+def block_compiles(ctx, model, *, glyph_lengths: list[int]) -> list[int]:
+    """GLM-Image DiT calls with these glyph-text lengths, its blocks compiled as on CUDA but with dynamo's eager
+    backend (its guards and recompiles, without inductor's cost): how many graphs dynamo made during each call.
+    Hitting dynamo's recompile limit raises here (on a GPU, dynamo would run the blocks uncompiled from then on)."""
+    from comfyui_parallel_diffusion.models.glm_image.stages import _forward
+
+    transformer, gen = model.transformer, torch.Generator().manual_seed(0)
+    blocks = list(transformer.transformer_blocks)
+    torch._dynamo.reset()
+    compiled = torch.compile(type(blocks[0]).forward, backend="eager")
+    for block in blocks:
+        block.forward = types.MethodType(compiled, block)
+    config = transformer.config
+    x = torch.randn(1, config.in_channels, 8, 12, generator=gen)
+    prior = torch.randint(0, config.prior_vq_quantizer_codebook_size, (1, 24), generator=gen)
+    fixed = (torch.full((1,), 500.0), torch.tensor([[64.0, 96.0]]), torch.zeros(1, 2), transformer.rope(x))
+    made = []
+    try:
+        for length in glyph_lengths:
+            before = counters["stats"]["unique_graphs"]
+            embeds = torch.randn(1, length, config.text_embed_dim, generator=gen)
+            with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+                _forward(transformer, False, x, prior, embeds, *fixed)
+            made.append(counters["stats"]["unique_graphs"] - before)
+    finally:
+        for block in blocks:
+            del block.forward
+        torch._dynamo.reset()
+    return made
+
+
 STAGES = {**models.STAGES,
+          "probe.block_compiles": Stage("probe.block_compiles", Parallelism.SEQUENCE_PARALLEL, block_compiles),
           "probe.ulysses_error": Stage("probe.ulysses_error", Parallelism.SEQUENCE_PARALLEL, ulysses_error),
           "probe.shard_lengths": Stage("probe.shard_lengths", Parallelism.SEQUENCE_PARALLEL, shard_lengths)}
 LOADERS = models.LOADERS

@@ -20,7 +20,7 @@ def group(request, tiny_zimage):
     group.close()
 
 
-@pytest.mark.parametrize("masked", [True, False], ids=["key mask", "key runs"])
+@pytest.mark.parametrize("masked", [True, False], ids=["key mask", "real keys"])
 @pytest.mark.parametrize("length,heads", [(37, 5), (64, 3), (5, 30)])
 def test_ulysses_attention_equals_full_attention(group, length, heads, masked):
     errors = group.run("probe.ulysses_error", None,
@@ -44,3 +44,18 @@ def test_each_rank_sees_its_share_of_the_sequence(group, tiny_zimage):
         assert rank_seen["noise_refiner"] == math.ceil(image_tokens / sp)
         assert rank_seen["layers"] == math.ceil((image_tokens + caption_tokens) / sp)
         assert rank_seen["context_refiner"] == caption_tokens  # short caption: not sharded
+
+
+def test_new_text_lengths_do_not_recompile_sharded_blocks(tiny_glm_image):
+    """A user's next prompt brings another glyph length. With the sequence sharded, the compiled blocks must not
+    specialise to each: dynamo compiles for the first few (static, dynamic, padded or not, the 1-token shards that
+    it always specialises) and never after, well inside its recompile limit (past it, blocks would run uncompiled).
+    Computing the real keys inside the blocks recompiled at every length until that limit."""
+    group = WorkerGroup(Layout.for_world(2), **PLUGIN)
+    try:
+        group.load("g", "glm_image", path=str(tiny_glm_image))
+        made = group.run("probe.block_compiles", "g", {"glyph_lengths": [5, 10, 32, 7, 1, 2, 13, 40, 9, 64, 3, 17]}, collect="all")
+    finally:
+        group.close()
+    for per_call in made:
+        assert per_call[0] > 0 and per_call[6:] == [0] * 6, made
