@@ -4,11 +4,13 @@
 
 Full-size models with random weights (bench/random_models.py) run through the project's own stages and worker
 group; each timing is the host's wall clock around one denoise request (what a user waits for), median of
---repeats after --warmup. For Z-Image also one request with a caption 5 tokens longer (new_caption_length_s): on
-CUDA its DiT call has a new signature, so its CUDA graph is captured anew (models/cuda_graph.py). Parity: cosine of
-final latents and PSNR of decoded images against 1 GPU, next to the same figures for a 1-GPU run that differs only
-in the attention kernel (SDPA's default vs memory-efficient on CUDA; compiled code and CUDA graphs are made anew
-for it, since both fix the kernel when they are made).
+--repeats after --warmup. Then two requests with a new text length each, as a user's next prompts (new_text_s,
+later_text_s): Z-Image's caption 5 and 40 tokens longer (40: another multiple of 32, to which Z-Image pads
+captions), GLM-Image's quoted glyph text longer. On CUDA each has a new DiT call signature, so its CUDA graph is
+captured anew (models/cuda_graph.py); the first also recompiles the text-dependent blocks for a dynamic length.
+Parity: cosine of final latents and PSNR of decoded images against 1 GPU, next to the same figures for a 1-GPU run
+that differs only in the attention kernel (SDPA's default vs memory-efficient on CUDA; compiled code and CUDA
+graphs are made anew for it, since both fix the kernel when they are made).
 """
 from __future__ import annotations
 
@@ -42,10 +44,10 @@ class ZImageWorkload:
         self.args = args
         self.cap_dim = random_models.SCALES[args.scale]["dit"]["cap_feat_dim"]
 
-    def inputs(self, runner, height: int, width: int, caption_tokens: int | None = None) -> dict:
+    def inputs(self, runner, height: int, width: int, text: int = 0) -> dict:
         gen = torch.Generator().manual_seed(0)
         latents = runner.run("zimage.prepare", "bench", {"batch": 1, "height": height, "width": width, "seed": 0})
-        embeds = [torch.randn(caption_tokens or self.args.caption_tokens, self.cap_dim, generator=gen)]
+        embeds = [torch.randn(self.args.caption_tokens + (0, 5, 40)[text], self.cap_dim, generator=gen)]
         negative = [torch.randn(16, self.cap_dim, generator=gen)] if self.args.guidance > 0 else []
         return {"latents": latents, "prompt_embeds": embeds, "negative_prompt_embeds": negative,
                 "steps": self.args.steps, "guidance": self.args.guidance}
@@ -59,9 +61,11 @@ class GlmImageWorkload:
         self.args = args
         self.codebook = random_models.SCALES[args.scale]["glm_dit"]["prior_vq_quantizer_codebook_size"]
 
-    def inputs(self, runner, height: int, width: int) -> dict:
+    GLYPHS = ("OPEN", "OPEN LATE", "OPEN EVERY DAY UNTIL MIDNIGHT")
+
+    def inputs(self, runner, height: int, width: int, text: int = 0) -> dict:
         prepared = runner.run("glm_image.prepare", "bench", {
-            "prompt": 'a shop sign that says "OPEN"', "height": height, "width": width, "seed": 0})
+            "prompt": f'a shop sign that says "{self.GLYPHS[text]}"', "height": height, "width": width, "seed": 0})
         tokens = torch.randint(0, self.codebook, (1, (height // 16) * (width // 16)),
                                generator=torch.Generator().manual_seed(0))
         return {**prepared, "prior_token_ids": tokens, "steps": self.args.steps, "guidance": self.args.guidance}
@@ -85,12 +89,10 @@ def main(argv=None) -> None:
         for height, width in sizes:
             inputs = workload.inputs(runner, height, width)
             row = _measure(runner, workload, inputs, args)
-            if args.model == "zimage":  # a user's next prompt: a caption length the CUDA graph has not seen (the
-                # first such request per worker group also recompiles the caption blocks for a dynamic length)
-                other = workload.inputs(runner, height, width, caption_tokens=args.caption_tokens + 5)
+            for key, text in (("new_text_s", 1), ("later_text_s", 2)):
                 started = time.perf_counter()
-                runner.run(f"{workload.prefix}.denoise", "bench", other)
-                row["new_caption_length_s"] = time.perf_counter() - started
+                runner.run(f"{workload.prefix}.denoise", "bench", workload.inputs(runner, height, width, text))
+                row[key] = time.perf_counter() - started
             row.update(gpus=gpus, layout=layout.describe(), height=height, width=width, group_start_and_load_s=load_s)
             if gpus == 1:
                 reference[height, width] = row.pop("latents"), row.pop("image")
