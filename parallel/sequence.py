@@ -3,8 +3,9 @@ sequence with Ulysses all-to-all.
 
 A model plan (in models/) names the blocks and which of their arguments are token streams, key masks and rotary
 tables; `shard_blocks` installs hooks that split on entry to the first block and gather on exit from the last.
-Each stream is padded to a multiple of the SP degree and the padding is masked as keys, so every size and every
-SP degree gives the single-process result up to floating-point reordering. Attention does not care about key
+Each stream is padded to a multiple of the SP degree and the padding is left out of the keys (or masked, where a
+caller's mask decides), so every size and every SP degree gives the single-process result up to floating-point
+reordering. Attention does not care about key
 order, so the gathered sequence is rank-major (rank 0's streams, then rank 1's, ...) and is never reordered.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Stream:
 
 @dataclass
 class Region:
-    """The sharding in force while a run of blocks executes; attention reads its key mask."""
+    """The sharding in force while a run of blocks executes; attention reads which keys are real from it."""
     comm: Comm
     streams: dict[str, Stream]
     order: list[str]  # the order in which the attention processor concatenates the streams
@@ -154,7 +155,7 @@ def shard_blocks(blocks: Sequence[nn.Module], comm: Comm, spec: BlockSpec) -> li
         accepted = signatures[id(module)].parameters
         for arg in spec.masks:
             if arg in call:
-                call[arg] = None  # padding and masks now live in region.key_valid()
+                call[arg] = None  # padding and masks now live in the region (key_index, key_valid())
         for arg, local in region.rope.items():
             if arg in accepted:
                 call[arg] = local
@@ -207,8 +208,8 @@ def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """q (B, Sq_local, H, D), k/v (B, Sk_local, H, D) -> (B, Sq_local, H, D) attending over every rank's keys.
 
     Which gathered keys are real: `key_index`, their positions (the others are dropped before attention), or
-    `key_valid`, a (B, keys) mask; neither: all. Dropping keys instead of masking them keeps SDPA on
-    its fastest kernels, which take no mask (GLM-Image's 1-token negative prompt is padded on every degree).
+    `key_valid`, a (B, keys) mask; neither: all. Dropping keys instead of masking them keeps SDPA on its fastest
+    kernels, which take no mask (GLM-Image's 1-token negative prompt is padded on every degree).
     Heads are padded to a multiple of the Ulysses degree (Z-Image's 30 heads on 4 or 8 ranks); padded heads are
     zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads."""
     p = comm.layout.ulysses

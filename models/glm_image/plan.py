@@ -3,7 +3,8 @@ decoder's layers sharded over the ranks (tensor parallel).
 
 The DiT: each GlmImageTransformerBlock takes two token streams, which diffusers' GlmImageAttnProcessor concatenates
 glyph text first, image second; both are split across the SP group on entry to `transformer_blocks.0` (each padded to a
-multiple of the SP degree, the padding masked as keys, so the 1-token negative glyph prompt works on any degree),
+multiple of the SP degree, the padding left out of the keys (masked when editing reads the cache, below), so the
+1-token negative glyph prompt works on any degree),
 the image rotary tables (cos, sin), whose sequence dim is 0, are split with the image stream, and both outputs
 are gathered after the last block, before `norm_out`/`proj_out`. Attention is diffusers' own processor; its
 module-level `dispatch_attention_fn` is routed through Ulysses while a sharded region is active.
