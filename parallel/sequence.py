@@ -78,11 +78,11 @@ class Region:
 
     def real_keys(self) -> torch.Tensor | None:
         """Positions of the real keys in the gathered (rank-major) key sequence, when the sharding's own padding is
-        all that is not real (known on the host: no mask to read); None when a caller's mask or a key prefix
-        decides (key_valid()). Built on the device once per region, outside compiled code, and given even when no
+        all that is not real (known on the host: no mask to read); None when a caller's mask decides
+        (key_valid(), as it does for a key prefix). Built on the device once per region, outside compiled code, and given even when no
         key is padding: the compiled blocks then see one kind of input whatever the text length, and do not
         recompile for each new one (computing it inside them from the streams' lengths did, on every length)."""
-        if self.key_prefix is not None or any(self.streams[n].masked for n in self.order):
+        if any(self.streams[n].masked for n in self.order):
             return None
         runs, pos = [], 0
         for r in range(self.comm.layout.sp):
@@ -194,7 +194,8 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
                             scale=scale, **kwargs)
         if attn_mask is not None or is_causal or dropout_p:
             raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
-        index = region.key_index
+        # a key prefix (a KV cache, set by a model's hook after entry) brings its own validity: the mask decides
+        index = region.key_index if region.key_prefix is None else None
         return ulysses_attention(region.comm, query, key, value, region.key_valid() if index is None else None, scale,
                                  key_index=index)
 
