@@ -5,8 +5,8 @@ A model plan (in models/) names the blocks and which of their arguments are toke
 tables; `shard_blocks` installs hooks that split on entry to the first block and gather on exit from the last.
 Each stream is padded to a multiple of the SP degree and the padding is left out of the keys (or masked, where a
 caller's mask decides), so every size and every SP degree gives the single-process result up to floating-point
-reordering. Attention does not care about key
-order, so the gathered sequence is rank-major (rank 0's streams, then rank 1's, ...) and is never reordered.
+reordering. Attention does not care about key order, so the gathered sequence is rank-major (rank 0's streams, then
+rank 1's, ...) and is never reordered.
 """
 from __future__ import annotations
 
@@ -76,12 +76,19 @@ class Region:
     key_prefix: list[torch.Tensor] | None = None  # per SP rank: valid mask of keys prepended to the local ones
     key_index: torch.Tensor | None = None  # real_keys(), set on entry
 
+    def attention_keys(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(positions, mask) of the real keys for attention: the positions built on entry, unless a caller's mask
+        or a key prefix (set by a model's hook after entry) decides, as a (B, keys) mask."""
+        if self.key_index is not None and self.key_prefix is None:
+            return self.key_index, None
+        return None, self.key_valid()
+
     def real_keys(self) -> torch.Tensor | None:
         """Positions of the real keys in the gathered (rank-major) key sequence, when the sharding's own padding is
-        all that is not real (known on the host: no mask to read); None when a caller's mask decides
-        (key_valid(), as it does for a key prefix). Built on the device once per region, outside compiled code, and given even when no
-        key is padding: the compiled blocks then see one kind of input whatever the text length, and do not
-        recompile for each new one (computing it inside them from the streams' lengths did, on every length)."""
+        all that is not real (known on the host: no mask to read); else None. Built on the device once per region,
+        outside compiled code, and given even when no key is padding: the compiled blocks then see one kind of
+        input whatever the text length, and do not recompile for each new one (computing it inside them from the
+        streams' lengths did, on every length)."""
         if any(self.streams[n].masked for n in self.order):
             return None
         runs, pos = [], 0
@@ -194,10 +201,8 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
                             scale=scale, **kwargs)
         if attn_mask is not None or is_causal or dropout_p:
             raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
-        # a key prefix (a KV cache, set by a model's hook after entry) brings its own validity: the mask decides
-        index = region.key_index if region.key_prefix is None else None
-        return ulysses_attention(region.comm, query, key, value, region.key_valid() if index is None else None, scale,
-                                 key_index=index)
+        index, mask = region.attention_keys()
+        return ulysses_attention(region.comm, query, key, value, mask, scale, key_index=index)
 
     attention.sequence_parallel = True
     return attention

@@ -1,10 +1,8 @@
 """A plugin for the sequence-parallel tests: stages that look inside the sharding instead of only at its result.
 Workers import it by name through WorkerGroup(extra_sys_path=[tests/])."""
-import types
-
 import torch
 import torch.nn.functional as F
-from torch._dynamo.utils import counters
+from dynamo_check import blocks_compiled_by_dynamo, graphs_made
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.parallel import Parallelism, Stage
@@ -58,33 +56,24 @@ def shard_lengths(ctx, model, *, height: int, width: int, prompt_embeds):
 
 
 def block_compiles(ctx, model, *, glyph_lengths: list[int]) -> list[int]:
-    """GLM-Image DiT calls with these glyph-text lengths, its blocks compiled as on CUDA but with dynamo's eager
-    backend (its guards and recompiles, without inductor's cost): how many graphs dynamo made during each call.
-    Hitting dynamo's recompile limit raises here (on a GPU, dynamo would run the blocks uncompiled from then on)."""
+    """GLM-Image DiT calls with these glyph-text lengths, its blocks compiled by dynamo (dynamo_check.py): how many
+    graphs dynamo made during each call. Hitting dynamo's recompile limit raises here (on a GPU, dynamo would run
+    the blocks uncompiled from then on)."""
     from comfyui_parallel_diffusion.models.glm_image.stages import _forward
 
     transformer, gen = model.transformer, torch.Generator().manual_seed(0)
-    blocks = list(transformer.transformer_blocks)
-    torch._dynamo.reset()
-    compiled = torch.compile(type(blocks[0]).forward, backend="eager")
-    for block in blocks:
-        block.forward = types.MethodType(compiled, block)
     config = transformer.config
     x = torch.randn(1, config.in_channels, 8, 12, generator=gen)
     prior = torch.randint(0, config.prior_vq_quantizer_codebook_size, (1, 24), generator=gen)
     fixed = (torch.full((1,), 500.0), torch.tensor([[64.0, 96.0]]), torch.zeros(1, 2), transformer.rope(x))
     made = []
-    try:
+    with blocks_compiled_by_dynamo(list(transformer.transformer_blocks)):
         for length in glyph_lengths:
-            before = counters["stats"]["unique_graphs"]
+            before = graphs_made()
             embeds = torch.randn(1, length, config.text_embed_dim, generator=gen)
             with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
                 _forward(transformer, False, x, prior, embeds, *fixed)
-            made.append(counters["stats"]["unique_graphs"] - before)
-    finally:
-        for block in blocks:
-            del block.forward
-        torch._dynamo.reset()
+            made.append(graphs_made() - before)
     return made
 
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import GlmImagePipeline
+from dynamo_check import blocks_compiled_by_dynamo, graphs_made
 from PIL import Image
 
 from comfyui_parallel_diffusion import models
@@ -168,26 +169,15 @@ def test_progress_and_cancel(local):
 
 def test_compiled_blocks_leave_editing_eager(local, single):
     """On CUDA the DiT's blocks are compiled (and its calls graphed); editing's condition KV cache is Python state
-    that compiled code would freeze, so editing runs them eagerly. Compiled here with dynamo's eager backend (exact
-    on CPU): editing compiles nothing and equals the uncompiled run; text-to-image compiles and equals it too."""
-    import types
-
-    from torch._dynamo.utils import counters
-
+    that compiled code would freeze, so editing runs them eagerly. Compiled here by dynamo alone (exact on CPU):
+    editing compiles nothing and equals the uncompiled run; text-to-image compiles and equals it too."""
     blocks = list(local.models["g"][1].transformer.transformer_blocks)
-    compiled = torch.compile(type(blocks[0]).forward, backend="eager")
-    for block in blocks:
-        block.forward = types.MethodType(compiled, block)
-    try:
+    with blocks_compiled_by_dynamo(blocks):
         for name, compiles in (("i2i landscape glyph", False), ("t2i square glyph", True)):
-            before = counters["stats"]["unique_graphs"]
+            before = graphs_made()
             images, latents = _generate(local, "g", CASES[name])
-            assert (counters["stats"]["unique_graphs"] > before) == compiles, name
+            assert (graphs_made() > before) == compiles, name
             assert torch.equal(latents, single(name)[1]) and torch.equal(images, single(name)[0]), name
-    finally:
-        for block in blocks:
-            del block.forward
-        torch._dynamo.reset()
 
 
 def test_comfyui_image_tensors_are_condition_images(local, single):

@@ -391,7 +391,7 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     # CPU (shared by all ranks) and host-to-device copies out of the loop.
     rope = tuple(t.to(dev) for t in transformer.rope(latents))
 
-    def predict(embeds, drop_prior: bool, mode: str):
+    def branch(embeds, drop_prior: bool, mode: str):
         def call() -> torch.Tensor:
             args = (x, prior, embeds, timestep, target_size, crop_coords, rope)
             if not editing:
@@ -408,9 +408,9 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     for i, t in enumerate(timesteps.to(dev)):
         x = latents.to(dtype)
         timestep = t.expand(latents.shape[0]) - 1
-        branches = [predict(cond_embeds, False, "read")]
+        branches = [branch(cond_embeds, False, "read")]
         if use_cfg:
-            branches.append(predict(uncond_embeds, True, "skip"))
+            branches.append(branch(uncond_embeds, True, "skip"))
         preds = run_branches(ctx.comm, branches)
         noise_pred = preds[1] + guidance * (preds[0] - preds[1]) if use_cfg else preds[0]
         # FlowMatchEulerDiscreteScheduler.step: float32 Euler update, cast to the prediction's dtype
