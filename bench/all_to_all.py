@@ -77,7 +77,7 @@ def _measure(comm: Comm, p: int, tokens: int, tensors: int, device, carveouts: l
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     send = torch.randn(p, tensors, 1, local, heads // p, HEAD_DIM, device=device, dtype=dtype)
     sent_bytes = send.numel() * send.element_size() * (p - 1) // p
-    ms = _ms(lambda: comm.all_to_all(send, "ulysses").wait(), device)
+    ms = _ms(lambda: comm.all_to_all(send, "ulysses"), device)
     row = {"ulysses": p, "tokens": tokens, "bytes_sent_per_rank": sent_bytes, "nccl_ms": ms,
            "nccl_gb_per_s": round(sent_bytes / ms / 1e6, 1)}
     if device.type == "cuda":
@@ -93,7 +93,7 @@ def _overlap(comm: Comm, send: torch.Tensor, local: int, carveout: int, device) 
 
     def pair():
         with torch.cuda.stream(side):
-            comm.all_to_all(send, "ulysses").wait()
+            comm.all_to_all(send, "ulysses")
         x @ w
         torch.cuda.current_stream().wait_stream(side)
 

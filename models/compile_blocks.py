@@ -1,7 +1,7 @@
 """torch.compile for a model's repeated transformer blocks ("regional compilation").
 
     compile_blocks(blocks)   # each block's forward compiled; blocks of one class share the compiled code
-    compile_blocks(blocks, backend="eager")   # torch.compile's arguments (the tests: dynamo only, exact on CPU)
+    compile_blocks(blocks, backend="eager")   # torch.compile's options (the tests: dynamo only, exact on CPU)
 
 Run eagerly, Z-Image's blocks spend over a third of the GPU's time in separate element-wise kernels (norms,
 modulation, rotary embedding, gates: aten::mul and aten::copy_ alone, on 2 H200s at 1024x1024,
@@ -20,19 +20,10 @@ import torch
 from torch import nn
 
 
-# Inductor's communication scheduling: each collective (a sequence-parallel block's all-to-alls) is launched as soon
-# as its input is ready, and waited for only where its result is used, so it travels while the block computes what
-# does not depend on it. Without it inductor waits right after each launch, in the traced order.
-OVERLAP_COMMUNICATION = {"reorder_for_compute_comm_overlap": True,
-                         "reorder_for_compute_comm_overlap_passes": ["raise_comms", "sink_waits"]}
-
-
-def compile_blocks(blocks: list[nn.Module], backend: str = "inductor", **arguments) -> None:
-    if backend == "inductor":
-        arguments.setdefault("options", OVERLAP_COMMUNICATION)
+def compile_blocks(blocks: list[nn.Module], **options) -> None:
     compiled = {}
     for block in blocks:
         cls = type(block)
         if cls not in compiled:
-            compiled[cls] = torch.compile(cls.forward, backend=backend, **arguments)
+            compiled[cls] = torch.compile(cls.forward, **options)
         block.forward = types.MethodType(compiled[cls], block)

@@ -109,11 +109,14 @@ class Comm:
         return torch.cat(parts, dim=dim)
 
     def all_to_all(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
-        """Dimension 0 holds one equal chunk per group member; member i receives everyone's chunk i. Functional, as
-        all_reduce: compiled code launches it when its input is ready and waits where the result is used."""
+        """Dimension 0 holds one equal chunk per group member; member i receives everyone's chunk i."""
         if self.group_size(group) == 1:
             return tensor
-        return funcol.all_to_all_single(tensor.contiguous(), None, None, self._process_group(group))
+        pg, _ = self._groups[group]
+        tensor = tensor.contiguous()  # empty_like keeps a permuted layout, which collectives would scramble
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor, group=pg)
+        return out
 
     def all_reduce(self, tensor: torch.Tensor, group: str) -> torch.Tensor:
         """The elementwise sum over the group, on every member: a functional collective, or for a small sum where

@@ -208,12 +208,6 @@ def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., tor
     return attention
 
 
-# Queries and outputs travel in this many head groups, so a group's attention runs while the next group's queries
-# arrive and the previous group's output leaves (a transfer launched before independent compute hides behind it:
-# bench/results/all_to_all_overlap_h200x4.json). Heads are independent, so the result does not change.
-HEAD_GROUPS = 2
-
-
 def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_valid: torch.Tensor | None, scale: float | None = None,
                       key_index: torch.Tensor | None = None) -> torch.Tensor:
@@ -223,42 +217,38 @@ def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     `key_valid`, a (B, keys) mask; neither: all. Dropping keys instead of masking them keeps SDPA on its fastest
     kernels, which take no mask (GLM-Image's 1-token negative prompt is padded on every degree).
     Heads are padded to a multiple of the Ulysses degree (Z-Image's 30 heads on 4 or 8 ranks); padded heads are
-    zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads.
-    The exchanges are issued in the order that lets compiled blocks hide them (compile_blocks schedules each
-    collective as early as its input allows and waits for it where its result is used): values first, which travel
-    while keys and queries are projected, then keys, then queries and outputs in HEAD_GROUPS groups."""
+    zeros, computed and dropped, so any degree works at a cost of at most (degree - 1) heads."""
     p = comm.layout.ulysses
     heads = q.shape[2]
     pad = (-heads) % p
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    local = q.shape[2] // p  # heads per rank
-    v, k = (_seq_to_heads(comm, t.unflatten(2, (p, local))) for t in (v, k))
+    if q.shape == k.shape:  # one all-to-all carries q, k and v: fewer, larger messages
+        q, k, v = _seq_to_heads(comm, (q, k, v), p)
+    else:  # keys carry a prefix (a KV cache): lengths differ
+        (q,), (k, v) = _seq_to_heads(comm, (q,), p), _seq_to_heads(comm, (k, v), p)
     if key_index is not None:
         k, v = k.index_select(1, key_index), v.index_select(1, key_index)
     mask = None if key_valid is None else key_valid[:, None, None, :]
-    groups = min(HEAD_GROUPS, local)
-    sizes = [local // groups + (g < local % groups) for g in range(groups)]
-    queries = [_seq_to_heads(comm, part) for part in q.unflatten(2, (p, local)).split(sizes, dim=3)]
-    outs = []
-    for qg, kg, vg in zip(queries, k.split(sizes, dim=2), v.split(sizes, dim=2)):
-        out = F.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2), vg.transpose(1, 2),
-                                             attn_mask=mask, scale=scale).transpose(1, 2)
-        outs.append(_heads_to_seq(comm, out, p))
-    out = torch.cat(outs, dim=3).flatten(2, 3)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=scale).transpose(1, 2)
+    out = _heads_to_seq(comm, out, p)
     return out[:, :, :heads] if pad else out
 
 
-def _seq_to_heads(comm: Comm, x: torch.Tensor) -> torch.Tensor:
-    """(B, S_local, p, h, D), head group i for rank i -> (B, p * S_local, h, D): this rank's heads, the whole
-    sequence (rank-major)."""
-    b, s, p, h, d = x.shape
-    recv = comm.all_to_all(x.permute(2, 0, 1, 3, 4), "ulysses")  # dim 0 is now the source rank: its sequence chunk
-    return recv.permute(1, 0, 2, 3, 4).reshape(b, p * s, h, d)
+def _seq_to_heads(comm: Comm, xs: tuple[torch.Tensor, ...], p: int) -> tuple[torch.Tensor, ...]:
+    """Each (B, S_local, H, D) -> (B, p * S_local, H / p, D): gather the sequence, keep this rank's head slice."""
+    b, s, h, d = xs[0].shape
+    send = xs[0].new_empty(p, len(xs), b, s, h // p, d)
+    for i, x in enumerate(xs):  # one copy per tensor straight into the send layout
+        send[:, i].copy_(x.reshape(b, s, p, h // p, d).permute(2, 0, 1, 3, 4))
+    recv = comm.all_to_all(send, "ulysses")  # dim 0 is now the source rank, i.e. the sequence chunk
+    return tuple(recv.permute(1, 2, 0, 3, 4, 5).reshape(len(xs), b, p * s, h // p, d).unbind(0))
 
 
 def _heads_to_seq(comm: Comm, x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, p * S_local, h, D) -> (B, S_local, p, h, D): the inverse of _seq_to_heads."""
+    """(B, p * S_local, H / p, D) -> (B, S_local, H, D): the inverse of _seq_to_heads."""
     b, s, h, d = x.shape
-    x = comm.all_to_all(x.reshape(b, p, s // p, h, d).permute(1, 0, 2, 3, 4), "ulysses")  # dim 0: the head group
-    return x.permute(1, 2, 0, 3, 4)
+    x = x.reshape(b, p, s // p, h, d).permute(1, 0, 2, 3, 4)
+    x = comm.all_to_all(x, "ulysses")  # dim 0 is now the source rank, i.e. the head group
+    return x.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h, d)
