@@ -23,11 +23,12 @@ def ulysses_error(ctx, model, *, batch: int, length: int, heads: int, head_dim: 
     rank = ctx.comm.sp_rank
     stream = Stream.plan(length, ctx.comm.layout.sp, None if padded_from is None else valid, batch, q.device)
     region = Region(ctx.comm, {"x": stream}, ["x"], batch, q.device)
-    index = region.real_keys()
+    region.key_index = region.real_keys()  # as shard_blocks sets it on entry
+    index, mask = region.attention_keys()
     if (index is None) != (padded_from is not None):
         raise AssertionError(f"real keys {index} for padded_from={padded_from}")
     local = [stream.split(t, rank, dim=1) for t in (q, k, v)]
-    out = ulysses_attention(ctx.comm, *local, region.key_valid() if index is None else None, key_index=index)
+    out = ulysses_attention(ctx.comm, *local, mask, key_index=index)
     out = stream.gather(ctx.comm, out, dim=1)
     real = valid[..., None, None]
     return ((out - ref).abs() * real).max().item()
