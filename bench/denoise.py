@@ -11,6 +11,9 @@ captured anew (models/cuda_graph.py); the first also recompiles the text-depende
 Parity: cosine of final latents and PSNR of decoded images against 1 GPU, next to the same figures for a 1-GPU run
 that differs only in the attention kernel (SDPA's default vs memory-efficient on CUDA; compiled code and CUDA
 graphs are made anew for it, since both fix the kernel when they are made).
+Where the time goes, per size and GPU count, on every rank: --profile (torch.profiler: GPU time per kernel family
+and the costliest kernels; the profiler itself slows the run) and --timeline (no profiler: CUDA events around each
+DiT call, so the DiT's GPU time per step, what the stage spends outside it, and the host's wall time of the request).
 """
 from __future__ import annotations
 
@@ -75,7 +78,10 @@ WORKLOADS = {"zimage": ZImageWorkload, "glm_image": GlmImageWorkload}
 
 
 def main(argv=None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.timeline and args.device != "cuda":
+        parser.error("--timeline times the GPU: it needs --device cuda")
     workload = WORKLOADS[args.model](args)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
@@ -89,6 +95,13 @@ def main(argv=None) -> None:
         for height, width in sizes:
             inputs = workload.inputs(runner, height, width)
             row = _measure(runner, workload, inputs, args)
+            # before the new texts: their new signatures would make these runs capture CUDA graphs anew
+            for flag, stage in (("profile", "bench.profile"), ("timeline", "bench.timeline")):
+                if getattr(args, flag):
+                    started = time.perf_counter()
+                    row[flag] = runner.run(stage, "bench", {"stage": f"{workload.prefix}.denoise", "inputs": inputs},
+                                           collect="all")
+                    row[f"{flag}_request_ms"] = (time.perf_counter() - started) * 1e3
             for key, text in (("new_text_s", 1), ("later_text_s", 2)):
                 started = time.perf_counter()
                 runner.run(f"{workload.prefix}.denoise", "bench", workload.inputs(runner, height, width, text))
@@ -102,13 +115,8 @@ def main(argv=None) -> None:
                 row["parity_vs_1gpu"] = _parity(row.pop("latents"), row.pop("image"), *reference[height, width])
             else:
                 row.pop("latents"), row.pop("image")
-            if args.profile:
-                row["profile"] = runner.run("bench.profile", "bench",
-                                            {"stage": f"{workload.prefix}.denoise", "inputs": inputs}, collect="all")
-                for rank in row["profile"]:
-                    print(rank.pop("top") if rank["rank"] == 0 else "", flush=True)
             results.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("runs_s", "profile")}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("runs_s", "profile", "timeline")}), flush=True)
         release()
     report = {"machine": _machine(args.device), "config": {k: str(v) for k, v in vars(args).items()}, "results": results,
               "speedup_vs_1gpu": _speedups(results)}
@@ -178,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", action="store_true", help="also profile one denoise per size on every rank")
+    p.add_argument("--timeline", action="store_true",
+                   help="also time one denoise per size with CUDA events around each DiT call, on every rank (CUDA)")
     p.add_argument("--scale", choices=sorted(random_models.SCALES), default="full")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--out", type=Path, default=BENCH / "results" / "denoise.json")

@@ -162,14 +162,21 @@ def _place(device, dtype: torch.dtype) -> SimpleNamespace:
     return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
 
-# Kernel families by name: NCCL, attention, GEMMs (cuBLAS/CUTLASS), inductor's fused Triton kernels, copies
-KERNEL_KINDS = {"nccl": ("nccl",), "attention": ("flash", "attention"),
+# Kernel families by name, first match wins (cuDNN's attention kernels also carry "sm90_"): NCCL, attention, GEMMs
+# (cuBLAS/CUTLASS), inductor's fused Triton kernels, copies; the rest is "other" (eager element-wise kernels)
+KERNEL_KINDS = {"nccl": ("nccl",), "attention": ("flash", "attention", "sdpa", "fmha"),
                 "gemm": ("gemm", "nvjet", "cutlass", "xmma", "sm90_"), "triton": ("triton_",),
                 "memcpy": ("memcpy", "memset")}
 
 
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS.items() if any(k in name for k in keys)), "other")
+
+
 def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
-    """Run one stage under torch.profiler on every rank; rank 0 returns where its time went."""
+    """Run one stage under torch.profiler on every rank; each rank returns where its GPU time went (on CPU: its
+    operators' own time): per kernel family, and its 30 costliest kernels (total ms, calls)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.device.type == "cuda" else [])
@@ -179,14 +186,55 @@ def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
         STAGES[stage].fn(ctx, model, **inputs)
         torch.cuda.synchronize() if ctx.device.type == "cuda" else None
         wall = time.perf_counter() - started
-    events = prof.key_averages()
-    device_us = sum(e.self_device_time_total for e in events)
-    kernels = {name: sum(e.self_device_time_total for e in events if any(k in e.key.lower() for k in keys)) / 1e6
-               for name, keys in KERNEL_KINDS.items()}
-    return {"rank": ctx.comm.rank, "wall_s": wall, "device_busy_s": device_us / 1e6, "nccl_s": kernels.pop("nccl"),
-            "attention_kernels_s": kernels.pop("attention"), **{f"{k}_kernels_s": v for k, v in kernels.items()},
-            "top": events.table(sort_by="self_device_time_total" if ctx.device.type == "cuda" else "self_cpu_time_total",
-                                row_limit=14, max_name_column_width=60)}
+    us = (lambda e: e.self_device_time_total) if ctx.device.type == "cuda" else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if us(e) > 0]
+    kinds = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for e in events:
+        kinds[kernel_kind(e.key)] += us(e) / 1e6
+    top = sorted(events, key=lambda e: -us(e))[:30]
+    return {"rank": ctx.comm.rank, "wall_s": wall, "device_busy_s": sum(kinds.values()),
+            "kernels_s": {k: round(v, 5) for k, v in kinds.items()},
+            "top_kernels": [{"name": e.key[:120], "kind": kernel_kind(e.key), "ms": round(us(e) / 1e3, 3),
+                             "calls": e.count} for e in top]}
+
+
+def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
+    """Run one stage with CUDA events around every DiT call (model.predict), without a profiler and without
+    synchronising inside the loop: how much of the stage's wall time the DiT calls take on the GPU, and where the
+    rest goes (before the first call, between calls, after the last)."""
+    calls = model.predict if isinstance(model.predict, dict) else {None: model.predict}
+    marks: list[torch.cuda.Event] = []
+
+    def timed(fn):
+        def call(*args):
+            marks.append(_event())
+            out = fn(*args)
+            marks.append(_event())
+            return out
+        return call
+
+    original = model.predict
+    model.predict = ({k: timed(f) for k, f in calls.items()} if isinstance(original, dict)
+                     else timed(original))
+    torch.cuda.synchronize()
+    try:
+        started, entry = time.perf_counter(), _event()
+        STAGES[stage].fn(ctx, model, **inputs)
+        done = _event()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+    finally:
+        model.predict = original
+    forward = [marks[i].elapsed_time(marks[i + 1]) for i in range(0, len(marks), 2)]
+    gaps = [marks[i].elapsed_time(marks[i + 1]) for i in range(1, len(marks) - 1, 2)]
+    return {"rank": ctx.comm.rank, "stage_wall_ms": wall * 1e3, "forward_ms": forward, "gaps_ms": gaps,
+            "before_first_ms": entry.elapsed_time(marks[0]), "after_last_ms": marks[-1].elapsed_time(done)}
+
+
+def _event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
 
 
 def attention_kernel(ctx, model, *, backend: str, stage: str, inputs: dict):
@@ -211,6 +259,7 @@ def _remake_compiled(model) -> None:
 
 
 STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile),
+          "bench.timeline": Stage("bench.timeline", Parallelism.SEQUENCE_PARALLEL, timeline),
           "bench.attention_kernel": Stage("bench.attention_kernel", Parallelism.SEQUENCE_PARALLEL, attention_kernel)}
 LOADERS = {**models.LOADERS, "zimage_random": Loader("zimage_random", load_zimage),
            "glm_image_random": Loader("glm_image_random", load_glm_image),
