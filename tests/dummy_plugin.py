@@ -69,6 +69,11 @@ def empty(ctx, model):
     return None
 
 
+def echo(ctx, model, **inputs):
+    """Every rank returns the inputs it received: requests reach the other ranks through Comm.broadcast_object."""
+    return inputs
+
+
 def load_counter(ctx, value: int):
     _count(ctx, "loads")
     return {"value": value, "rank": ctx.comm.rank}
@@ -84,5 +89,6 @@ STAGES = {stage.name: stage for stage in (
     Stage("gather_ranks", REPLICATED, gather_ranks),
     Stage("use_model", REPLICATED, use_model),
     Stage("empty", REPLICATED, empty),
+    Stage("echo", REPLICATED, echo),
 )}
 LOADERS = {"counter": Loader("counter", load_counter)}

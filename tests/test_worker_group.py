@@ -57,6 +57,41 @@ def test_tensor_collectives_run_across_the_ranks(group):
     assert group.run("gather_ranks", None, {}).tolist() == [float(r) for r in range(WORLD)]
 
 
+def request_with_tensors() -> dict:
+    return {"latents": torch.randn(1, 4, 6, 5, dtype=torch.bfloat16), "ids": torch.arange(7),
+            "mask": torch.tensor([True, False, True]), "scale": torch.tensor(0.5), "none_yet": torch.empty(0, 3),
+            "strided": torch.randn(4, 3).t(), "embeds": [torch.randn(3, 2), torch.randn(5, 2)],
+            "text": "a cat", "steps": 8, "nothing": None}
+
+
+def assert_same_request(got: dict, sent: dict) -> None:
+    assert got.keys() == sent.keys()
+    for key, value in sent.items():
+        values, gots = (value, got[key]) if isinstance(value, list) else ([value], [got[key]])
+        for v, g in zip(values, gots, strict=True):
+            if isinstance(v, torch.Tensor):
+                assert g.device.type == "cpu" and g.dtype == v.dtype and torch.equal(g, v), key
+            else:
+                assert g == v, key
+
+
+def test_every_rank_receives_a_requests_tensors_exactly_as_sent(group):
+    sent = request_with_tensors()
+    for got in group.run("echo", None, sent, collect="all"):
+        assert_same_request(got, sent)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: the same check with NCCL carrying tensors")
+def test_every_rank_receives_a_requests_tensors_exactly_as_sent_over_nccl():
+    gpu_group = WorkerGroup(Layout.for_world(2), device="cuda", **PLUGIN)
+    try:
+        sent = request_with_tensors()
+        for got in gpu_group.run("echo", None, sent, collect="all"):
+            assert_same_request(got, sent)
+    finally:
+        gpu_group.close()
+
+
 def test_load_is_idempotent_and_models_stay_resident(group):
     loads = [s.get("loads", 0) for s in ranks_state(group)]
     group.load("m", "counter", value=5)
