@@ -202,7 +202,6 @@ def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
     """Run one stage with CUDA events around every DiT call (model.predict), without a profiler and without
     synchronising inside the loop: how much of the stage's wall time the DiT calls take on the GPU, and where the
     rest goes (before the first call, between calls, after the last)."""
-    calls = model.predict if isinstance(model.predict, dict) else {None: model.predict}
     marks: list[torch.cuda.Event] = []
 
     def timed(fn):
@@ -214,8 +213,7 @@ def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
         return call
 
     original = model.predict
-    model.predict = ({k: timed(f) for k, f in calls.items()} if isinstance(original, dict)
-                     else timed(original))
+    model.predict = {k: timed(f) for k, f in original.items()} if isinstance(original, dict) else timed(original)
     torch.cuda.synchronize()
     try:
         started, entry = time.perf_counter(), _event()
