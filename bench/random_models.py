@@ -13,6 +13,7 @@ diffusers' own pipelines.
 """
 from __future__ import annotations
 
+import gc
 import time
 from types import SimpleNamespace
 
@@ -201,7 +202,8 @@ def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
 def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
     """Run one stage with CUDA events around every DiT call (model.predict), without a profiler and without
     synchronising inside the loop: how much of the stage's wall time the DiT calls take on the GPU, and where the
-    rest goes (before the first call, between calls, after the last)."""
+    rest goes (before the first call, between calls, after the last), and the garbage collections that ran meanwhile
+    (a rank that collects starts its DiT calls late and the others wait for it in the first all-to-all)."""
     marks: list[torch.cuda.Event] = []
 
     def timed(fn):
@@ -212,9 +214,19 @@ def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
             return out
         return call
 
+    collections: list[tuple[int, float]] = []  # (generation, ms) of each garbage collection during the stage
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append((info["generation"], time.perf_counter()))
+        else:
+            generation, began = collections[-1]
+            collections[-1] = (generation, (time.perf_counter() - began) * 1e3)
+
     original = model.predict
     model.predict = {k: timed(f) for k, f in original.items()} if isinstance(original, dict) else timed(original)
     torch.cuda.synchronize()
+    gc.callbacks.append(on_gc)
     try:
         started, entry = time.perf_counter(), _event()
         STAGES[stage].fn(ctx, model, **inputs)
@@ -222,11 +234,14 @@ def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
         torch.cuda.synchronize()
         wall = time.perf_counter() - started
     finally:
+        gc.callbacks.remove(on_gc)
         model.predict = original
     forward = [marks[i].elapsed_time(marks[i + 1]) for i in range(0, len(marks), 2)]
     gaps = [marks[i].elapsed_time(marks[i + 1]) for i in range(1, len(marks) - 1, 2)]
     return {"rank": ctx.comm.rank, "stage_wall_ms": wall * 1e3, "forward_ms": forward, "gaps_ms": gaps,
-            "before_first_ms": entry.elapsed_time(marks[0]), "after_last_ms": marks[-1].elapsed_time(done)}
+            "before_first_ms": entry.elapsed_time(marks[0]), "after_last_ms": marks[-1].elapsed_time(done),
+            "gc_ms_by_generation": {g: sum(ms for gen, ms in collections if gen == g) for g in (0, 1, 2)},
+            "gc_collections": len(collections)}
 
 
 def _event() -> torch.cuda.Event:

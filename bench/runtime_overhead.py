@@ -27,9 +27,10 @@ from comfyui_parallel_diffusion.parallel import channel, comm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CAPTION = (128, 2560)  # a Z-Image caption: tokens x Qwen3-4B hidden size
-# Per request, the moments each rank records, in order (rank 0 alone receives and replies).
-RANK0_MOMENTS = ("received", "broadcast", "entered", "left", "gathered", "replied")
-OTHER_MOMENTS = ("broadcast", "entered", "left", "gathered")
+# Per request, the moments each rank records, in order (rank 0 alone receives and replies). "closed": the
+# collective that ends a request on every rank.
+RANK0_MOMENTS = ("received", "broadcast", "entered", "left", "closed", "replying")
+OTHER_MOMENTS = ("broadcast", "entered", "left", "closed")
 
 
 def echo(ctx, model, **inputs):
@@ -47,20 +48,28 @@ def trace(ctx, **_):
     wrapped, so the requests traced are the ones a user's take."""
     moments: list[tuple[str, float]] = []
 
-    def after(cls, name, moment):
-        original = getattr(cls, name)
+    def mark(cls, name, moment, before=False):
+        original = getattr(cls, name, None)
+        if original is None:
+            return
 
         def wrapped(self, *args, **kwargs):
+            if before:
+                moments.append((moment, time.time()))
             out = original(self, *args, **kwargs)
-            moments.append((moment, time.time()))
+            if not before:
+                moments.append((moment, time.time()))
             return out
         setattr(cls, name, wrapped)
 
-    after(comm.Comm, "broadcast_object", "broadcast")
-    after(comm.Comm, "all_gather_object", "gathered")
+    mark(comm.Comm, "broadcast_object", "broadcast")
+    mark(comm.Comm, "all_gather_object", "closed")  # the closing collective before this commit
+    mark(comm.Comm, "barrier", "closed")
     if ctx.comm.is_main and ctx.comm.distributed:
-        after(channel.Channel, "recv", "received")
-        after(channel.Channel, "send", "replied")
+        mark(channel.Channel, "recv", "received")
+        # Before the send: once the host has the reply it sends the next request, which the reader thread may
+        # receive before this thread would get to append a moment after the send.
+        mark(channel.Channel, "send", "replying", before=True)
     return moments
 
 
@@ -117,15 +126,17 @@ def measure(world_size: int, args) -> dict:
 
 
 def phases(host: list[dict], ranks: list[list[dict]]) -> list[dict]:
-    """Each request's time split at the moments traced: a phase ends when the last rank passed its moment."""
+    """Each request's time split at the moments traced: a phase ends when the last rank passed its moment (and not
+    before the previous phase ended), so the phases add up to the round trip."""
     out = []
-    for i, times in enumerate(host[-len(ranks[0]):]):  # the first request may lack its moments
-        per_rank = [rank[i - len(host) + len(ranks[0])] for rank in ranks]
+    count = min(len(rank) for rank in ranks)  # every rank has the last requests; the first may lack moments
+    for i, times in enumerate(host[-count:]):
+        per_rank = [rank[len(rank) - count + i] for rank in ranks]
         marks = [("sent", times["sent"])]
-        for moment in ("received", "broadcast", "entered", "left", "gathered", "replied"):
+        for moment in RANK0_MOMENTS:
             seen = [r[moment] for r in per_rank if moment in r]
-            if seen:
-                marks.append((moment, max(seen)))
+            if seen:  # rank 0 may pass the closing collective before the last rank returns from it
+                marks.append((moment, max(seen + [marks[-1][1]])))
         marks.append(("host has reply", times["replied"]))
         out.append({f"{a}->{b}": (tb - ta) * 1e3 for (a, ta), (b, tb) in zip(marks, marks[1:])})
     return out
