@@ -78,7 +78,7 @@ class Worker:
         self.comm = Comm(layout, rank, device, distributed=True)
         self.ctx = StageContext(comm=self.comm, dtype=getattr(torch, config["dtype"]))
         self.models: dict[str, Any] = {}
-        self.comm.all_gather_object(None)  # every rank is ready before rank 0 tells the host so
+        self.comm.barrier()  # every rank is ready before rank 0 tells the host so
         self.host = HostLink(self.ctx, config["run_dir"]) if self.comm.is_main else None
 
     def serve(self) -> None:
@@ -94,12 +94,16 @@ class Worker:
         kind, *args = request
         collect_all = kind == "run" and args.pop() == "all"
         outcome = self._outcome(kind, args)
-        # The gather is also a barrier: rank 0 must not answer while another rank is failing (that rank exits, so
-        # the gather fails on rank 0 too and the host hears of the failure instead of a result).
-        gathered = self.comm.all_gather_object(outcome if collect_all else outcome[0])
-        if self.host:
-            if collect_all and outcome[0] == "ok":
+        # Rank 0 must not answer while another rank is failing: that rank exits, so the closing collective fails on
+        # rank 0 too and the host hears of the failure instead of a result. Rank 0's own outcome is the answer, so
+        # only collect="all" needs to gather anything.
+        if collect_all:
+            gathered = self.comm.all_gather_object(outcome)
+            if outcome[0] == "ok":
                 outcome = ("ok", [value for _, value in gathered])
+        else:
+            self.comm.barrier()
+        if self.host:
             self.host.send(outcome)
 
     def _outcome(self, kind: str, args: list) -> tuple:

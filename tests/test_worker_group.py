@@ -60,7 +60,8 @@ def test_tensor_collectives_run_across_the_ranks(group):
 def request_with_tensors() -> dict:
     return {"latents": torch.randn(1, 4, 6, 5, dtype=torch.bfloat16), "ids": torch.arange(7),
             "mask": torch.tensor([True, False, True]), "scale": torch.tensor(0.5), "none_yet": torch.empty(0, 3),
-            "strided": torch.randn(4, 3).t(), "embeds": [torch.randn(3, 2), torch.randn(5, 2)],
+            "transposed": torch.randn(4, 3).t(), "image": torch.rand(1, 3, 4, 5).permute(0, 2, 3, 1),
+            "gappy": torch.randn(4, 6)[:, ::2], "embeds": [torch.randn(3, 2), torch.randn(5, 2)],
             "text": "a cat", "steps": 8, "nothing": None}
 
 
@@ -71,6 +72,8 @@ def assert_same_request(got: dict, sent: dict) -> None:
         for v, g in zip(values, gots, strict=True):
             if isinstance(v, torch.Tensor):
                 assert g.device.type == "cpu" and g.dtype == v.dtype and torch.equal(g, v), key
+                if key != "gappy":  # a tensor with gaps in its storage arrives contiguous; the others as laid out
+                    assert g.stride() == v.stride(), key
             else:
                 assert g == v, key
 
