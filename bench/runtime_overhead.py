@@ -63,7 +63,8 @@ def trace(ctx, **_):
         setattr(cls, name, wrapped)
 
     mark(comm.Comm, "broadcast_object", "broadcast")
-    mark(comm.Comm, "all_gather_object", "closed")  # the closing collective before this commit
+    # The closing collective: a gather for collect="all" (and for every request before commit c4354f7), else a barrier.
+    mark(comm.Comm, "all_gather_object", "closed")
     mark(comm.Comm, "barrier", "closed")
     if ctx.comm.is_main and ctx.comm.distributed:
         mark(channel.Channel, "recv", "received")
