@@ -7,8 +7,8 @@ work, and tearing the group down, for 1, 2 and 4 ranks. Prints a table and write
 --payload HxW sends what a Z-Image denoise request of that size carries (latents and a 128-token caption) and
 returns latents, as bench/denoise.py's requests do, and records where each request's time goes: the wall-clock
 moments (one clock for every process of the host) at which the host sent it, rank 0 received it, each rank
-finished the request broadcast, entered and left the stage, finished the closing gather, and the host had the
-reply.
+finished the request broadcast, entered and left the stage, and finished the closing collective, rank 0 began its
+reply, and the host had the reply.
 
 This file is also the plugin its workers load (the stages below), so a worker imports nothing but torch and the
 runtime: the start time is the runtime's own, not a model library's."""
