@@ -119,3 +119,24 @@ class LocalRunnerWithLayout:
 
     def run(self, *args, **kwargs):
         raise AssertionError("invalid input reached the runner")
+
+
+def test_real_rotary_processor_equals_diffusers():
+    """The processor the stages install gives diffusers' complex-number result, masked keys and all."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_z_image import ZSingleStreamAttnProcessor
+
+    from comfyui_parallel_diffusion.models.zimage.attention import RealRotaryAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=64, heads=4, dim_head=16, qk_norm="rms_norm", bias=False, out_bias=False,
+                     processor=ZSingleStreamAttnProcessor()).eval()
+    x = torch.randn(2, 10, 64)
+    freqs = torch.polar(torch.ones(2, 10, 8), torch.randn(2, 10, 8) * 5)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 7:] = False
+    with torch.no_grad():
+        expected = attn(x, attention_mask=mask, freqs_cis=freqs)
+        attn.set_processor(RealRotaryAttnProcessor())
+        got = attn(x, attention_mask=mask, freqs_cis=freqs)
+    assert (got - expected).abs().max().item() <= 1e-6

@@ -3,8 +3,8 @@
 The noise refiner (image tokens) and the main layers (the unified image + caption sequence, already padded by the
 model to multiples of 32) run sharded; the context refiner sees only the short caption and runs whole on every
 rank. The main region ends after the final layer, so ranks exchange its 64-wide output, not the 3840-wide hidden
-state. Attention inside the sharded blocks is diffusers' own ZSingleStreamAttnProcessor, whose module-level
-`dispatch_attention_fn` is routed through Ulysses while a sharded region is active.
+state. Attention inside the sharded blocks calls diffusers' module-level `dispatch_attention_fn` (attention.py's
+processor as diffusers' own does), which is routed through Ulysses while a sharded region is active.
 """
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from ...parallel.cfg import run_branches
 from .. import loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
+from .attention import use_real_rotary
 from .plan import apply_sequence_parallel
 
 PIPELINE = "ZImagePipeline"
@@ -55,9 +56,10 @@ def load(ctx: StageContext, path: str) -> ZImage:
 
 
 def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel) -> None:
-    """The loaded DiT as the denoise stage runs it: its sequence-parallel plan installed, its blocks compiled on
-    CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA the whole call is also
-    replayed as a CUDA graph (ZImage.predict)."""
+    """The loaded DiT as the denoise stage runs it: its rotary embedding in real arithmetic (attention.py), its
+    sequence-parallel plan installed, its blocks compiled on CUDA (on CPU compiling costs minutes and saves little;
+    the tests run it eagerly). On CUDA the whole call is also replayed as a CUDA graph (ZImage.predict)."""
+    use_real_rotary(transformer)
     apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
         compile_blocks([*transformer.noise_refiner, *transformer.context_refiner, *transformer.layers])
