@@ -2,6 +2,7 @@
 StageParallelismType); the executor applies that declaration, so a stage never calls torch.distributed itself."""
 from __future__ import annotations
 
+import collections
 import enum
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +48,14 @@ class Cancelled(Exception):
         self.step, self.total = step, total
 
 
+# How many steps the host may have queued on the GPU when it reports a step. Nothing in a denoising loop waits for
+# the GPU, so without a bound the host can queue the whole loop at once: progress would then reach its end long
+# before the GPU, and a cancel would be read only after every step was already queued. Two steps keep the GPU fed
+# however long the host takes to launch one (an eager forward included) while progress and cancel stay within two
+# steps of the GPU.
+STEPS_AHEAD = 2
+
+
 @dataclass
 class StageContext:
     comm: Comm
@@ -54,6 +63,7 @@ class StageContext:
     report: Callable[[str, int, int], None] = lambda what, done, total: None  # rank 0 -> host
     cancel_requested: Callable[[], bool] = lambda: False  # read on rank 0 only
     state: dict[str, Any] = field(default_factory=dict)  # per-rank scratch that lives as long as the worker
+    _queued_steps: collections.deque = field(default_factory=collections.deque, repr=False)  # their CUDA events
 
     @property
     def device(self) -> torch.device:
@@ -66,9 +76,20 @@ class StageContext:
     def step(self, done: int, total: int, what: str = "step") -> None:
         """Call on every rank at each step boundary: reports progress, and stops every rank at the same step when
         rank 0 has seen a cancel (a rank that stopped alone would leave the others waiting in a collective)."""
+        self._keep_pace()
         stop = False
         if self.is_main:
             self.report(what, done, total)
             stop = self.cancel_requested()
         if self.comm.broadcast_object(stop):
             raise Cancelled(done, total)
+
+    def _keep_pace(self) -> None:
+        """Wait until the GPU has finished all but the last STEPS_AHEAD steps this rank queued."""
+        if self.device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self._queued_steps.append(done)
+        while len(self._queued_steps) > STEPS_AHEAD:
+            self._queued_steps.popleft().synchronize()

@@ -95,6 +95,22 @@ def test_every_rank_receives_a_requests_tensors_exactly_as_sent_over_nccl():
         gpu_group.close()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pacing waits for CUDA work; on CPU every step is done")
+def test_a_step_boundary_keeps_the_host_at_most_steps_ahead_of_the_gpu():
+    from comfyui_parallel_diffusion.parallel.comm import Comm
+    from comfyui_parallel_diffusion.parallel.stage import STEPS_AHEAD, StageContext
+
+    ctx = StageContext(comm=Comm.single("cuda"))
+    finished = []
+    for step in range(1, 7):
+        torch.cuda._sleep(100_000_000)  # tens of ms of GPU time, queued without waiting
+        finished.append(torch.cuda.Event())
+        finished[-1].record()
+        ctx.step(step, 6)
+        assert all(event.query() for event in finished[:step - STEPS_AHEAD])
+    assert not finished[-1].query()  # the last steps are still queued: the host did not wait for everything
+
+
 def test_load_is_idempotent_and_models_stay_resident(group):
     loads = [s.get("loads", 0) for s in ranks_state(group)]
     group.load("m", "counter", value=5)
