@@ -202,12 +202,15 @@ def profile(ctx, model, *, stage: str, inputs: dict) -> dict:
 def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
     """Run one stage with CUDA events around every DiT call (model.predict), without a profiler and without
     synchronising inside the loop: how much of the stage's wall time the DiT calls take on the GPU, and where the
-    rest goes (before the first call, between calls, after the last), and the garbage collections that ran meanwhile
+    rest goes (before the first call, between calls, after the last; before the first also as the host's own time,
+    which tells a host that is late from a GPU that starts slowly), and the garbage collections that ran meanwhile
     (a rank that collects starts its DiT calls late and the others wait for it in the first all-to-all)."""
     marks: list[torch.cuda.Event] = []
+    host_calls: list[float] = []  # perf_counter at each DiT call
 
     def timed(fn):
         def call(*args):
+            host_calls.append(time.perf_counter())
             marks.append(_event())
             out = fn(*args)
             marks.append(_event())
@@ -239,7 +242,8 @@ def timeline(ctx, model, *, stage: str, inputs: dict) -> dict:
     forward = [marks[i].elapsed_time(marks[i + 1]) for i in range(0, len(marks), 2)]
     gaps = [marks[i].elapsed_time(marks[i + 1]) for i in range(1, len(marks) - 1, 2)]
     return {"rank": ctx.comm.rank, "stage_wall_ms": wall * 1e3, "forward_ms": forward, "gaps_ms": gaps,
-            "before_first_ms": entry.elapsed_time(marks[0]), "after_last_ms": marks[-1].elapsed_time(done),
+            "before_first_ms": entry.elapsed_time(marks[0]), "host_before_first_ms": (host_calls[0] - started) * 1e3,
+            "after_last_ms": marks[-1].elapsed_time(done),
             "gc_ms_by_generation": {g: sum(ms for gen, ms in collections if gen == g) for g in (0, 1, 2)},
             "gc_collections": len(collections)}
 
