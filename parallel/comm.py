@@ -205,4 +205,3 @@ class Comm:
     def _process_group(self, group: str):
         pg, _ = self._groups[group]
         return pg if pg is not None else dist.group.WORLD
-

@@ -50,9 +50,8 @@ class Cancelled(Exception):
 
 # How many steps the host may have queued on the GPU when it reports a step. Nothing in a denoising loop waits for
 # the GPU, so without a bound the host can queue the whole loop at once: progress would then reach its end long
-# before the GPU, and a cancel would be read only after every step was already queued. Two steps keep the GPU fed
-# however long the host takes to launch one (an eager forward included) while progress and cancel stay within two
-# steps of the GPU.
+# before the GPU, and a cancel would be read only after every step was already queued. With two, the GPU still has
+# a whole queued step to run while the host launches the next one, and progress and cancel stay within two steps.
 STEPS_AHEAD = 2
 
 
