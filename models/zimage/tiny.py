@@ -1,8 +1,10 @@
 """A tiny random-weight Z-Image pipeline, built offline, for tests and CPU smoke runs.
 
 It keeps Z-Image's real geometry (VAE x8 with 4 levels, patch 2, 16 latent channels, Qwen3 chat template,
-hidden_states[-2] as caption features) and shrinks widths and depths. The DiT has 3 heads, a head count that is
-not a power of two, so Ulysses head padding is exercised at degree 2 and 4.
+hidden_states[-2] as caption features) and shrinks widths and depths. Every setting that a weights file does not
+determine (head dim 128 and its rotary axes, norm groups 32, Qwen3's vocabulary and rotary base) is the published
+one, so the same weights also load from ComfyUI's split files through models/zimage/comfyui_files.py. The DiT has
+3 heads, a head count that is not a power of two, so Ulysses head padding is exercised at degree 2 and 4.
 """
 import json
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 
 
 # Bump when anything below changes, so existing builds are rebuilt instead of reused.
-TINY_ZIMAGE_VERSION = 1
+TINY_ZIMAGE_VERSION = 2
 MARKER = "tiny_zimage_build.json"
 
 # What ZImagePipeline renders for one user message with enable_thinking=True, as Qwen3's own template does.
@@ -35,7 +37,7 @@ TRANSFORMER_CONFIG = dict(
     all_patch_size=(2,),
     all_f_patch_size=(1,),
     in_channels=16,
-    dim=96,
+    dim=384,
     n_layers=2,
     n_refiner_layers=1,
     n_heads=3,
@@ -45,7 +47,7 @@ TRANSFORMER_CONFIG = dict(
     cap_feat_dim=TEXT_HIDDEN,
     rope_theta=256.0,
     t_scale=1000.0,
-    axes_dims=[8, 12, 12],  # sums to the head dim, 96 / 3 = 32
+    axes_dims=[32, 48, 48],  # sums to the head dim, 384 / 3 = 128, as published
     axes_lens=[1536, 512, 512],
 )
 
@@ -55,10 +57,10 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[16, 16, 32, 32],
+    block_out_channels=[32, 32, 64, 64],
     layers_per_block=1,
     latent_channels=16,
-    norm_num_groups=8,
+    norm_num_groups=32,
     sample_size=64,
     scaling_factor=0.3611,
     shift_factor=0.1159,
@@ -81,7 +83,7 @@ def build_tiny_zimage(folder) -> Path:
     pipeline = ZImagePipeline(
         scheduler=_scheduler(),
         vae=_tiny_vae(),
-        text_encoder=_tiny_text_encoder(len(tokenizer)),
+        text_encoder=_tiny_text_encoder(),
         tokenizer=tokenizer,
         transformer=_tiny_transformer(),
     )
@@ -111,13 +113,18 @@ def _tiny_tokenizer():
     return tokenizer
 
 
-def _tiny_text_encoder(vocab_size: int):
+# Qwen3's vocabulary, so that the Qwen tokenizer ComfyUI ships can drive the tiny encoder too (the tiny tokenizer
+# uses its first few hundred ids).
+TEXT_VOCAB = 151936
+
+
+def _tiny_text_encoder():
     from transformers import Qwen3Config, Qwen3Model
 
     # 2 layers: hidden_states[-2], which the pipeline takes, is then a layer's output (not the embeddings) that
     # has not been through the final norm, as in the real 36-layer model.
     config = Qwen3Config(
-        vocab_size=vocab_size,
+        vocab_size=TEXT_VOCAB,
         hidden_size=TEXT_HIDDEN,
         intermediate_size=96,
         num_hidden_layers=2,
