@@ -11,12 +11,17 @@ import json
 import struct
 from pathlib import Path
 
+import diffusers
 import torch
+
+from . import weights
 
 # Only classes from these libraries (and diffusers' pipeline packages) are instantiated from a folder's
 # model_index.json: the index is user data.
 TRUSTED_LIBRARIES = ("diffusers", "transformers")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# A causal LM's checkpoint holds its output head; loaded as the bare encoder (Qwen3Model), that head is unused.
+CAUSAL_LM_HEAD = "lm_head.weight"
 
 
 class ModelFolderError(ValueError):
@@ -58,9 +63,42 @@ def load_component(path, name: str, dtype: torch.dtype | None = None, device=Non
     folder = root / name
     if not issubclass(cls, torch.nn.Module):
         return cls.from_pretrained(folder, local_files_only=True)
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    model = cls.from_pretrained(folder, use_safetensors=True, local_files_only=True, **kwargs)
-    return model.to(device) if device is not None else model
+    dtype = dtype or torch.float32
+    device = torch.device(device or "cpu")
+    if issubclass(cls, diffusers.ModelMixin):
+        return load_diffusers_model(cls, cls.load_config(folder), sorted(folder.glob("*.safetensors")),
+                                    dtype, device, source=str(folder))
+    config = cls.config_class.from_pretrained(folder, local_files_only=True)
+    return load_transformers_model(cls, config, sorted(folder.glob("*.safetensors")), dtype, device,
+                                   source=str(folder), unused=(CAUSAL_LM_HEAD,))
+
+
+def load_diffusers_model(cls, config: dict, files: list[Path], dtype: torch.dtype, device: torch.device, *,
+                         source: str, tensors=None):
+    """A diffusers model built on the meta device from `config` and filled from `files` (models/weights.py),
+    or from `tensors` ((name, tensor) pairs, e.g. converted from another layout)."""
+    model = weights.empty_model(lambda: cls.from_config(config))
+    if tensors is None:
+        tensors = ((name, weights.read(info)) for name, info in weights.headers(files).items())
+    return weights.fill(model, tensors, source=source, device=device, dtype=dtype).eval()
+
+
+def load_transformers_model(cls, config, files: list[Path], dtype: torch.dtype, device: torch.device, *,
+                            source: str, unused: tuple[str, ...] = ()):
+    """A transformers model built on `device` (its non-persistent buffers, such as rotary frequencies, are computed
+    by its own constructor there) and filled from `files`. A bare model (e.g. Qwen3Model) also loads from its causal
+    LM's checkpoint, whose keys carry the base model's prefix ("model."), as transformers' from_pretrained allows;
+    `unused` names the tensors such a file holds that the bare model has no place for (its output head)."""
+    with torch.device(device):
+        model = cls(config)
+    infos = weights.headers(files)
+    unused = tuple(k for k in unused if k not in model.state_dict())
+    prefix = f"{cls.base_model_prefix}."
+    strip = not any(k.startswith(prefix) for k in model.state_dict()) and all(
+        k.startswith(prefix) or k in unused for k in infos)
+    tensors = ((k.removeprefix(prefix) if strip else k, weights.read(info))
+               for k, info in infos.items() if k not in unused)
+    return weights.fill(model, tensors, source=source, device=device, dtype=dtype).eval()
 
 
 # -- model_index.json ------------------------------------------------------------------------------------------

@@ -68,9 +68,17 @@ def test_every_component_loads_with_dtype_and_device(tiny_zimage):
 
 
 def test_a_pipeline_assembled_by_the_loader_equals_diffusers_from_pretrained(tiny_zimage, pipeline):
-    ours = ZImagePipeline(**{name: load_component(tiny_zimage, name, torch.float32) for name in COMPONENTS})
+    loaded = {name: load_component(tiny_zimage, name, torch.float32) for name in COMPONENTS}
+    for name, component in loaded.items():
+        if isinstance(component, torch.nn.Module):
+            ref = getattr(pipeline, name).state_dict()
+            ours = component.state_dict()
+            assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref), name
+    ours = ZImagePipeline(**loaded)
     ours.set_progress_bar_config(disable=True)
-    np.testing.assert_array_equal(generate(ours), generate(pipeline))
+    # Equal weights; the images agree to rounding only: diffusers' tensors are views into the memory-mapped file
+    # at unaligned offsets, and CPU matmul kernels sum in another order there (1e-7 per Linear, measured).
+    np.testing.assert_allclose(generate(ours), generate(pipeline), rtol=0, atol=1e-5)
 
 
 def test_the_tiny_model_keeps_the_real_geometry_with_three_heads(pipeline):
