@@ -1,4 +1,5 @@
-"""`parallel-diffusion`: generate with a diffusers model folder on N ranks, or run the built-in tiny demo."""
+"""`parallel-diffusion`: generate with a diffusers model folder or Z-Image's split files on N ranks, or run the
+built-in tiny demo."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from ..parallel import Layout
 from ..parallel.pool import get_runner, release
 from . import pipelines
+from .zimage import comfyui_files as zimage_files
 
 DEMO_CACHE = Path.home() / ".cache" / "comfyui-parallel-diffusion" / "tiny"
 
@@ -33,8 +35,18 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="parallel-diffusion", description=__doc__)
     sub = parser.add_subparsers(required=True)
 
-    gen = sub.add_parser("generate", help="generate one image from a diffusers model folder")
-    gen.add_argument("--model", required=True, help="diffusers folder with model_index.json (Z-Image or GLM-Image)")
+    gen = sub.add_parser("generate", help="generate one image from a diffusers model folder or Z-Image's split "
+                                          "files")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers folder with model_index.json (Z-Image or GLM-Image)")
+    source.add_argument("--transformer", type=Path,
+                        help="Z-Image from ComfyUI's split files: the diffusion model file (e.g. "
+                             "z_image_turbo_bf16.safetensors); needs --text-encoder, --vae and --tokenizer")
+    gen.add_argument("--text-encoder", type=Path, help="with --transformer: the Qwen3 file (qwen_3_4b.safetensors)")
+    gen.add_argument("--vae", type=Path, help="with --transformer: the Flux VAE file (ae.safetensors)")
+    gen.add_argument("--tokenizer", type=Path,
+                     help="with --transformer: a folder of Qwen tokenizer files, e.g. a diffusers Z-Image folder's "
+                          "tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
     gen.add_argument("--height", type=int, default=1024)
@@ -72,12 +84,12 @@ def _runner(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    family = pipelines.for_folder(args.model)
+    family, loader, source = _source(args)
     runner = _runner(args)
     started = time.perf_counter()
-    runner.load(args.model, family.LOADER, path=str(Path(args.model).resolve()))
+    runner.load("model", loader, **source)
     images, latents = family.generate(
-        runner, args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+        runner, "model", prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, steps=args.steps or family.DEFAULT_STEPS,
         guidance=family.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
         on_progress=_print_progress)
@@ -88,6 +100,23 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"wrote {args.out} ({args.width}x{args.height}, {runner.layout.describe()}, "
           f"{time.perf_counter() - started:.1f} s)")
     return 0
+
+
+def _source(args: argparse.Namespace) -> tuple:
+    """(model family, runner loader, its arguments) for --model or for the split files."""
+    files = {"text_encoder": args.text_encoder, "vae": args.vae, "tokenizer": args.tokenizer}
+    if args.model is not None:
+        given = [f"--{name.replace('_', '-')}" for name, value in files.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} go with --transformer, not with --model")
+        family = pipelines.for_folder(args.model)
+        return family, family.LOADER, {"path": str(Path(args.model).resolve())}
+    lacking = [f"--{name.replace('_', '-')}" for name, value in files.items() if value is None]
+    if lacking:
+        raise ValueError(f"--transformer needs {', '.join(lacking)} too")
+    files = {"transformer": args.transformer, **files}
+    zimage_files.inspect_files(*(str(files[name]) for name in ("transformer", "text_encoder", "vae")))
+    return pipelines.zimage, zimage_files.LOADER.name, {name: str(p.resolve()) for name, p in files.items()}
 
 
 def _demo(args: argparse.Namespace) -> int:

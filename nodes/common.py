@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models.loading import inspect_model_folder
 from . import runtime
 from .model_folders import list_model_folders, model_folder_path
 
@@ -17,21 +18,28 @@ def loader_inputs(pipeline: str, family: str) -> dict:
                 "tooltip": f"A {family} model folder in diffusers layout (holding model_index.json) under "
                            f"ComfyUI's models/diffusers, or a diffusers path of extra_model_paths.yaml. Only "
                            f"folders whose model_index.json names {pipeline} are listed."}),
-            "gpus": ("INT", {
-                "default": max(1, torch.cuda.device_count()), "min": 1, "max": runtime.MAX_GPUS,
-                "tooltip": "How many GPUs (ranks) generate each image together; one image is split across them "
-                           "and the result equals one GPU's. 1 runs inside ComfyUI's own process. With device "
-                           "'cpu' these are CPU processes (for testing)."}),
-            "cfg_parallel": ("BOOLEAN", {
-                "default": False,
-                "tooltip": "Run the conditional and unconditional guidance branches on two halves of the GPUs "
-                           "(needs an even GPU count and a guidance that enables CFG). Off: every GPU splits the "
-                           "image sequence (Ulysses)."}),
-            "device": (runtime.DEVICES, {
-                "default": "auto",
-                "tooltip": "auto: CUDA GPUs unless ComfyUI itself runs on the CPU. cuda: one GPU per rank, "
-                           "GPUs 0..N-1 (bfloat16). cpu: CPU processes (float32), for testing."}),
+            **layout_inputs(),
         }
+    }
+
+
+def layout_inputs() -> dict:
+    """How a loader's model is spread over the worker group: every loader node has these."""
+    return {
+        "gpus": ("INT", {
+            "default": max(1, torch.cuda.device_count()), "min": 1, "max": runtime.MAX_GPUS,
+            "tooltip": "How many GPUs (ranks) generate each image together; one image is split across them "
+                       "and the result equals one GPU's. 1 runs inside ComfyUI's own process. With device "
+                       "'cpu' these are CPU processes (for testing)."}),
+        "cfg_parallel": ("BOOLEAN", {
+            "default": False,
+            "tooltip": "Run the conditional and unconditional guidance branches on two halves of the GPUs "
+                       "(needs an even GPU count and a guidance that enables CFG). Off: every GPU splits the "
+                       "image sequence (Ulysses)."}),
+        "device": (runtime.DEVICES, {
+            "default": "auto",
+            "tooltip": "auto: CUDA GPUs unless ComfyUI itself runs on the CPU. cuda: one GPU per rank, "
+                       "GPUs 0..N-1 (bfloat16). cpu: CPU processes (float32), for testing."}),
     }
 
 
@@ -44,7 +52,8 @@ class LoaderBase:
     def load(self, model: str, gpus: int, cfg_parallel: bool, device: str):
         with runtime.user_errors():
             path = model_folder_path(model)
-        return (runtime.load_model(self.RUNTIME_LOADER, self.PIPELINE, path, gpus, cfg_parallel, device),)
+        return (runtime.load_model(self.RUNTIME_LOADER, {"path": path}, gpus, cfg_parallel, device,
+                                   lambda: inspect_model_folder(path, self.PIPELINE)),)
 
 
 class DecodeBase:

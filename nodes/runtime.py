@@ -14,13 +14,13 @@ import os
 import re
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import comfy.model_management as mm
 import comfy.utils
 import torch
 
-from ..models.loading import ModelFolderError, inspect_model_folder
+from ..models.loading import ModelFolderError
 from ..parallel import Cancelled, Layout, LayoutError, WorkerError, pool
 from ..parallel.executor import MainRankError
 
@@ -45,18 +45,19 @@ ParallelDiffusionError.__module__ = "parallel_diffusion"
 @dataclass(frozen=True)
 class ModelHandle:
     """What a loader node outputs: which model, on which layout. Plain and hashable, so ComfyUI caches it."""
-    loader: str  # the runtime's loader name: "zimage" or "glm_image"
-    path: str  # the diffusers model folder
+    loader: str  # the runtime's loader name: "zimage", "zimage_files" or "glm_image"
+    source: tuple[tuple[str, str], ...]  # the loader's arguments: (("path", folder),) or the split files
     layout: Layout
     device: str  # "cuda" or "cpu"
     dtype: torch.dtype
 
     @property
     def key(self) -> str:
-        return f"{self.loader}:{self.path}"
+        return f"{self.loader}:" + ",".join(value for _, value in self.source)
 
     def describe(self) -> str:
-        return f"{self.path} on {self.layout.describe()}, {self.device}"
+        files = ", ".join(os.path.basename(value) for _, value in self.source)
+        return f"{files} on {self.layout.describe()}, {self.device}"
 
 
 def resolve_device(device: str) -> str:
@@ -69,15 +70,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_model(loader: str, pipeline: str, path: str, gpus: int, cfg_parallel: bool, device: str) -> ModelHandle:
-    """What a loader node does: check the folder here (one clear line instead of a worker's traceback), build the
-    layout, and load the model on the worker group so that loading errors show on the loader node."""
+def load_model(loader: str, source: dict[str, str], gpus: int, cfg_parallel: bool, device: str,
+               inspect: Callable[[], Any]) -> ModelHandle:
+    """What a loader node does: check the files here with `inspect` (one clear line instead of a worker's
+    traceback), build the layout, and load the model on the worker group so that loading errors show on the
+    loader node."""
     device = resolve_device(device)
     with user_errors():
-        inspect_model_folder(path, pipeline)
+        inspect()
         layout = Layout.for_world(gpus, cfg=2 if cfg_parallel else 1)
         layout.check_devices(device, torch.cuda.device_count())
-    handle = ModelHandle(loader, path, layout, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    handle = ModelHandle(loader, tuple(source.items()), layout, device,
+                         torch.bfloat16 if device == "cuda" else torch.float32)
     runner_for(handle)
     log.info("parallel_diffusion: %s loaded (%s)", loader, handle.describe())
     return handle
@@ -85,9 +89,9 @@ def load_model(loader: str, pipeline: str, path: str, gpus: int, cfg_parallel: b
 
 def runner_for(handle: ModelHandle):
     """The pool's runner for the handle's layout, with the handle's model loaded (a no-op when it already is)."""
-    with user_errors(f"loading {handle.path}", any_error=True):
+    with user_errors(f"loading {handle.describe()}", any_error=True):
         runner = pool.get_runner(handle.layout, handle.device, handle.dtype)
-        runner.load(handle.key, handle.loader, path=handle.path)
+        runner.load(handle.key, handle.loader, **dict(handle.source))
     return runner
 
 

@@ -1,15 +1,17 @@
 """Z-Image nodes: loader -> text encode -> denoise -> decode, one stage each (models/zimage/stages.py)."""
 from __future__ import annotations
 
+from ..models.zimage import comfyui_files
 from ..models.zimage import pipeline as zimage
 from ..models.zimage.stages import PIPELINE, SIZE_MULTIPLE, check_size
-from . import runtime
-from .common import DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, loader_inputs, seed_input
+from . import model_files, runtime
+from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, layout_inputs, loader_inputs,
+                     seed_input)
 
 CATEGORY = "parallel_diffusion/Z-Image"
 MODEL = "PD_ZIMAGE"
 CONDITIONING = "PD_ZIMAGE_CONDITIONING"
-MODEL_INPUT = (MODEL, {"tooltip": "The Z-Image model from 'Z-Image Loader (parallel)'."})
+MODEL_INPUT = (MODEL, {"tooltip": "The Z-Image model from a Z-Image loader (parallel)."})
 MAX_SIZE = 4096
 
 
@@ -27,6 +29,40 @@ class ZImageLoader(LoaderBase):
     @classmethod
     def INPUT_TYPES(cls):
         return loader_inputs(PIPELINE, "Z-Image")
+
+
+class ZImageFilesLoader:
+    """Z-Image from ComfyUI's split files, as ComfyUI's own Load Diffusion Model / Load CLIP / Load VAE find them."""
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = (MODEL,)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = (LOADER_OUTPUT_TOOLTIP,)
+    DESCRIPTION = ("Loads Z-Image (Turbo or base: the same files and architecture; base wants guidance, about 4) "
+                   "from ComfyUI's split files on a group of worker processes, one per GPU, that stay alive "
+                   "between prompts. Tokenizes with the Qwen tokenizer ComfyUI ships. bf16 and plain fp8 files "
+                   "load (fp8 is upcast to the GPUs' bf16); scaled fp8 files are refused.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "transformer": (model_files.list_files("diffusion_models"), {
+                "tooltip": "The Z-Image diffusion model under models/diffusion_models, e.g. "
+                           "z_image_turbo_bf16.safetensors or z_image_bf16.safetensors."}),
+            "text_encoder": (model_files.list_files("text_encoders"), {
+                "tooltip": "Z-Image's Qwen3-4B text encoder under models/text_encoders, qwen_3_4b.safetensors."}),
+            "vae": (model_files.list_files("vae"), {
+                "tooltip": "The FLUX.1 VAE under models/vae, ae.safetensors."}),
+            **layout_inputs(),
+        }}
+
+    def load(self, transformer: str, text_encoder: str, vae: str, gpus: int, cfg_parallel: bool, device: str):
+        with runtime.user_errors():
+            files = {"transformer": model_files.file_path("diffusion_models", transformer),
+                     "text_encoder": model_files.file_path("text_encoders", text_encoder),
+                     "vae": model_files.file_path("vae", vae), "tokenizer": model_files.comfyui_tokenizer()}
+        inspect = lambda: comfyui_files.inspect_files(files["transformer"], files["text_encoder"], files["vae"])
+        return (runtime.load_model(comfyui_files.LOADER.name, files, gpus, cfg_parallel, device, inspect),)
 
 
 class ZImageTextEncode:
@@ -111,12 +147,14 @@ class ZImageDecode(DecodeBase):
 
 NODE_CLASS_MAPPINGS = {
     "PDZImageLoader": ZImageLoader,
+    "PDZImageFilesLoader": ZImageFilesLoader,
     "PDZImageTextEncode": ZImageTextEncode,
     "PDZImageDenoise": ZImageDenoise,
     "PDZImageDecode": ZImageDecode,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "PDZImageLoader": "Z-Image Loader (parallel)",
+    "PDZImageFilesLoader": "Z-Image Loader, ComfyUI files (parallel)",
     "PDZImageTextEncode": "Z-Image Text Encode (parallel)",
     "PDZImageDenoise": "Z-Image Denoise (parallel)",
     "PDZImageDecode": "Z-Image Decode (parallel)",

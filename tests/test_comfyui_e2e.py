@@ -126,7 +126,8 @@ BROKEN_FOLDER = "broken-z-image"  # a ZImagePipeline index without its vae/
 SIZE = 64  # the examples ask 1024x1024; the tiny models run at 64x64 here
 WORKER = "worker_main.py"
 OUR_NODES = {
-    "PDZImageLoader": ["PD_ZIMAGE"], "PDZImageTextEncode": ["PD_ZIMAGE_CONDITIONING"],
+    "PDZImageLoader": ["PD_ZIMAGE"], "PDZImageFilesLoader": ["PD_ZIMAGE"],
+    "PDZImageTextEncode": ["PD_ZIMAGE_CONDITIONING"],
     "PDZImageDenoise": ["LATENT"], "PDZImageDecode": ["IMAGE"],
     "PDGlmImageLoader": ["PD_GLM_IMAGE"], "PDGlmImageAR": ["PD_GLM_IMAGE_PRIOR"],
     "PDGlmImagePrepare": ["PD_GLM_IMAGE_PREPARED"], "PDGlmImageDenoise": ["LATENT"], "PDGlmImageDecode": ["IMAGE"],

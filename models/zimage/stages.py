@@ -26,6 +26,10 @@ PIPELINE = "ZImagePipeline"
 VAE_SCALE = 8  # latent pixels per image pixel; the DiT patch (2) makes the size granule 16
 SIZE_MULTIPLE = 16
 MAX_SEQUENCE_LENGTH = 512
+# What diffusers' ZImagePipeline renders with Qwen3's chat template (one user message, enable_thinking=True) and
+# ComfyUI's Z-Image tokenizer writes out; spelled out because ComfyUI's Qwen tokenizer files carry Qwen2.5's
+# template, which adds a system prompt.
+PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @dataclass
@@ -78,11 +82,7 @@ def encode(ctx: StageContext, model: ZImage, *, prompts: list[str], negative_pro
 
 
 def _encode_texts(model: ZImage, texts: list[str], device: torch.device) -> list[torch.Tensor]:
-    templated = [
-        model.tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                            add_generation_prompt=True, enable_thinking=True)
-        for t in texts
-    ]
+    templated = [PROMPT_TEMPLATE.format(t) for t in texts]
     tokens = model.tokenizer(templated, padding="max_length", max_length=MAX_SEQUENCE_LENGTH, truncation=True,
                              return_tensors="pt")
     mask = tokens.attention_mask.to(device).bool()
