@@ -6,6 +6,7 @@ alone loads the AR model), from safetensors only: pickle files (.bin, .pt, .ckpt
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import struct
@@ -89,7 +90,7 @@ def load_transformers_model(cls, config, files: list[Path], dtype: torch.dtype, 
     by its own constructor there) and filled from `files`. A bare model (e.g. Qwen3Model) also loads from its causal
     LM's checkpoint, whose keys carry the base model's prefix ("model."), as transformers' from_pretrained allows;
     `unused` names the tensors such a file holds that the bare model has no place for (its output head)."""
-    with torch.device(device):
+    with torch.device(device), _default_dtype(dtype):  # as from_pretrained(dtype=...) builds: one copy, in dtype
         model = cls(config)
     infos = weights.headers(files)
     unused = tuple(k for k in unused if k not in model.state_dict())
@@ -99,6 +100,16 @@ def load_transformers_model(cls, config, files: list[Path], dtype: torch.dtype, 
     tensors = ((k.removeprefix(prefix) if strip else k, weights.read(info))
                for k, info in infos.items() if k not in unused)
     return weights.fill(model, tensors, source=source, device=device, dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 # -- model_index.json ------------------------------------------------------------------------------------------
