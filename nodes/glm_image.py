@@ -6,6 +6,7 @@ the slow autoregressive sampling nor the before-denoising stage.
 """
 from __future__ import annotations
 
+from ..models.glm_image import latent_format
 from ..models.glm_image import pipeline as glm_image
 from ..models.glm_image.stages import PIPELINE, SIZE_MULTIPLE, as_pil_images, check_prompts, check_size
 from . import runtime
@@ -117,8 +118,8 @@ class GlmImageDenoise:
     FUNCTION = "denoise"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size), for 'GLM-Image Decode "
-                       "(parallel)'.",)
+    OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size) in the VAE's own space, as "
+                       "ComfyUI keeps latents, for 'GLM-Image Decode (parallel)'.",)
     DESCRIPTION = ("The DiT denoising loop, with the image's token sequence split across the GPUs (and the guidance "
                    "branches across GPU halves with cfg_parallel). The result equals one GPU's.")
 
@@ -143,7 +144,8 @@ class GlmImageDenoise:
         with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
             glm_image.check_inputs(model.layout, **prepared["request"], steps=steps, guidance=guidance)
         inputs = {k: v for k, v in prepared.items() if k not in ("model", "request")}
-        latents = runtime.run_stage(model, "glm_image.denoise", {**inputs, "steps": steps, "guidance": guidance},
+        latents = runtime.run_stage(model, "glm_image.denoise", {**inputs, "steps": steps, "guidance": guidance,
+                                                                 "latent_space": latent_format.VAE},
                                     node_id=unique_id)
         return ({"samples": latents},)
 
@@ -154,6 +156,11 @@ class GlmImageDecode(DecodeBase):
     MODEL_INPUT = MODEL_INPUT
     LATENT_SOURCE = "GLM-Image Denoise (parallel)"
     DESCRIPTION = "Decodes GLM-Image latents with the model's VAE, on the first GPU of the group."
+
+    def decode(self, model: runtime.ModelHandle, latent: dict):
+        # LATENT["samples"] is in the VAE's space (ComfyUI's convention), as the denoise node puts it out
+        return (runtime.run_stage(model, self.STAGE, {"latents": latent["samples"],
+                                                      "latent_space": latent_format.VAE}),)
 
 
 NODE_CLASS_MAPPINGS = {

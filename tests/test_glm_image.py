@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import GlmImagePipeline
+from diffusers.image_processor import VaeImageProcessor
 from dynamo_check import blocks_compiled_by_dynamo, graphs_made
 from PIL import Image
 
 from comfyui_parallel_diffusion import models
+from comfyui_parallel_diffusion.models.glm_image import latent_format
 from comfyui_parallel_diffusion.models.glm_image import pipeline as glm
 from comfyui_parallel_diffusion.models.glm_image import tiny
 from comfyui_parallel_diffusion.parallel import Cancelled, Layout, LayoutError, LocalRunner
@@ -186,6 +188,33 @@ def test_comfyui_image_tensors_are_condition_images(local, single):
     tensor = torch.tensor(np.array(case["images"][0]), dtype=torch.float32).unsqueeze(0) / 255
     _, latents = _generate(local, "g", {**case, "images": tensor})
     assert torch.equal(latents, single("i2i landscape glyph")[1])
+
+
+def test_comfyui_latents_are_the_vaes_raw_space(local, single):
+    """The nodes' requests (latent_space="vae"): denoise gives diffusers' latents * latents_std + latents_mean,
+    which the VAE decodes directly into the decode stage's image, the CLI's (diffusers' latents decoded)."""
+    name = "i2i landscape glyph"
+    case = CASES[name]
+    images, latents = single(name)
+    request = {"prompt": [case["prompt"]], "height": case["height"], "width": case["width"], "seed": SEED,
+               "images": case["images"]}
+    prior = local.run("glm_image.ar", "g", request)
+    prepared = local.run("glm_image.prepare", "g", request)
+    raw = local.run("glm_image.denoise", "g", {
+        **prepared, "prior_token_ids": prior["prior_token_ids"],
+        "condition_prior_token_ids": prior["condition_prior_token_ids"], "steps": STEPS,
+        "guidance": case["guidance"], "latent_space": latent_format.VAE})
+
+    vae = local.models["g"][1].vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1)
+    assert raw.dtype == torch.float32 and torch.equal(raw, latents * std + mean)
+    with torch.no_grad():
+        direct = VaeImageProcessor().postprocess(vae.decode(raw).sample, output_type="pt").permute(0, 2, 3, 1)
+    decoded = local.run("glm_image.decode", "g", {"latents": raw, "latent_space": latent_format.VAE})
+    assert torch.equal(decoded, direct) and torch.equal(decoded, images)
+    with pytest.raises(MainRankError, match="latent_space must be one of"):
+        local.run("glm_image.decode", "g", {"latents": raw, "latent_space": "comfyui"})
 
 
 def test_input_errors():

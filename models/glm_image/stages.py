@@ -14,6 +14,9 @@ reference tests hold it to that), and declares how it runs across ranks:
 - glm_image.decode   MAIN_RANK_ONLY                     only the host needs the image: rank 0 decodes, nobody
                                                         else spends time or memory on it and nothing is broadcast.
 
+denoise returns, and decode takes, latents in the space their `latent_space` names (latent_format.py): diffusers'
+normalised latents for the CLI, the VAE's raw space for ComfyUI's LATENT.
+
 Inputs and outputs are plain CPU values (tensors, lists, PIL images, numbers): they cross process boundaries.
 Batches: any number of prompts for text-to-image; editing (condition images) takes one prompt.
 """
@@ -38,7 +41,7 @@ from ...parallel.cfg import run_branches
 from .. import loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
-from . import ar_decode
+from . import ar_decode, latent_format
 from .plan import apply_ar_tensor_parallel, apply_sequence_parallel
 
 PIPELINE = "GlmImagePipeline"
@@ -337,15 +340,12 @@ def _condition_latents(model: GlmImage, images: list[PIL.Image.Image], dev: torc
     vae = model.vae
     multiple = model.vae_scale_factor * model.transformer.config.patch_size
     processor = VaeImageProcessor(vae_scale_factor=model.vae_scale_factor)
-    channels = vae.config.latent_channels
-    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1).to(dev, dtype)
-    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1).to(dev, dtype)
     latents = []
     for img in images:
         h, w = (img.height // multiple) * multiple, (img.width // multiple) * multiple
         pixels = processor.preprocess(img, height=h, width=w).to(dev, dtype)
         latent = vae.encode(pixels).latent_dist.mode()
-        latents.append(((latent - mean) / std).cpu())
+        latents.append(latent_format.from_vae(latent, vae.config).cpu())
     return latents
 
 
@@ -356,10 +356,12 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
             prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor, steps: int,
             target_size: torch.Tensor, crop_coords: torch.Tensor, guidance: float,
             condition_latents: list[torch.Tensor] | None = None,
-            condition_prior_token_ids: list[torch.Tensor] | None = None) -> torch.Tensor:
+            condition_prior_token_ids: list[torch.Tensor] | None = None,
+            latent_space: str = latent_format.DIFFUSERS) -> torch.Tensor:
     """The flow-matching Euler loop of diffusers' GlmImagePipeline: per step a conditional DiT call (reading the
     condition-image KV cache when editing) and, with guidance > 1, an unconditional one (prior tokens dropped,
-    cache skipped). Returns the final latents (B, 16, H/8, W/8) on the CPU."""
+    cache skipped). Returns the final latents (B, 16, H/8, W/8) on the CPU, in `latent_space` (float32 there)."""
+    latent_format.check_space(latent_space)
     use_cfg = guidance > 1
     ctx.comm.layout.check_branches(2 if use_cfg else 1)
     timesteps, sigmas = schedule(model, latents, steps)
@@ -418,6 +420,10 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
         ctx.step(i + 1, total)
     if editing:
         kv_caches.clear()
+    if latent_space == latent_format.VAE:
+        # Computed in the VAE's dtype as diffusers does before decoding; float32 holds those values exactly, so
+        # decoding them equals decoding diffusers' latents
+        latents = latent_format.to_vae(latents.to(model.vae.dtype), model.vae.config).float()
     return latents.cpu()
 
 
@@ -436,14 +442,16 @@ def _forward(transformer, drop_prior: bool, x: torch.Tensor, prior: torch.Tensor
 # -- glm_image.decode --------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def decode(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor) -> torch.Tensor:
-    """Latents de-normalised with the VAE's latents_mean/std, decoded -> (B, H, W, 3) float in [0, 1], CPU."""
+def decode(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor,
+           latent_space: str = latent_format.DIFFUSERS) -> torch.Tensor:
+    """Latents in `latent_space` (diffusers' de-normalised here first), decoded -> (B, H, W, 3) float in [0, 1],
+    CPU."""
+    latent_format.check_space(latent_space)
     vae = model.vae
-    channels = vae.config.latent_channels
     z = latents.to(ctx.device, vae.dtype)
-    mean = torch.tensor(vae.config.latents_mean).view(1, channels, 1, 1).to(z.device, z.dtype)
-    std = torch.tensor(vae.config.latents_std).view(1, channels, 1, 1).to(z.device, z.dtype)
-    image = vae.decode(z * std + mean, return_dict=False)[0]
+    if latent_space == latent_format.DIFFUSERS:
+        z = latent_format.to_vae(z, vae.config)
+    image = vae.decode(z, return_dict=False)[0]
     # diffusers' VaeImageProcessor.denormalize, in the VAE's dtype as diffusers runs it
     return (image * 0.5 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu()
 
