@@ -1,6 +1,9 @@
 """GLM-Image: the single-process stages equal diffusers' GlmImagePipeline, and every parallel layout equals the
 single-process run: text-to-image and image-to-image (editing), square and non-square, with and without glyph
 text, guidance on (two branches) and off. The AR stage runs on rank 0 only and every rank gets its tokens."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,11 +11,14 @@ from diffusers import GlmImagePipeline
 from diffusers.image_processor import VaeImageProcessor
 from dynamo_check import blocks_compiled_by_dynamo, graphs_made
 from PIL import Image
+from transformers import AutoImageProcessor, GlmImageImageProcessorPil
+from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING_NAMES
+from transformers.utils import is_torchvision_available
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.glm_image import latent_format
 from comfyui_parallel_diffusion.models.glm_image import pipeline as glm
-from comfyui_parallel_diffusion.models.glm_image import tiny
+from comfyui_parallel_diffusion.models.glm_image import stages, tiny
 from comfyui_parallel_diffusion.parallel import Cancelled, Layout, LayoutError, LocalRunner
 from comfyui_parallel_diffusion.parallel.executor import MainRankError
 from comfyui_parallel_diffusion.parallel.group import WorkerError, WorkerGroup
@@ -188,6 +194,29 @@ def test_comfyui_image_tensors_are_condition_images(local, single):
     tensor = torch.tensor(np.array(case["images"][0]), dtype=torch.float32).unsqueeze(0) / 255
     _, latents = _generate(local, "g", {**case, "images": tensor})
     assert torch.equal(latents, single("i2i landscape glyph")[1])
+
+
+def test_processor_folder_as_published_loads_pil_with_or_without_torchvision(tiny_glm_image):
+    """The tiny processor folder is laid out as the published one: a flat preprocessor_config.json naming
+    GlmImageImageProcessor, which transformers maps to its torchvision backend, GlmImageImageProcessorPil being the
+    PIL one. transformers builds the torchvision class where torchvision is installed, else the PIL class; our
+    loader gets the PIL class either way (the two resize differently), with the folder's settings."""
+    folder = Path(tiny_glm_image) / "processor"
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    assert config == tiny.PREPROCESSOR_CONFIG and not (folder / "processor_config.json").exists()
+    assert IMAGE_PROCESSOR_MAPPING_NAMES["glm_image"] == {"torchvision": config["image_processor_type"],
+                                                          "pil": GlmImageImageProcessorPil.__name__}
+    built = type(AutoImageProcessor.from_pretrained(folder, local_files_only=True)).__name__
+    assert built == ("GlmImageImageProcessor" if is_torchvision_available() else "GlmImageImageProcessorPil")
+
+    image_processor = stages.load_processor(tiny_glm_image).image_processor
+    assert type(image_processor) is GlmImageImageProcessorPil
+    assert (image_processor.size.shortest_edge, image_processor.size.longest_edge) == (config["min_pixels"],
+                                                                                       config["max_pixels"])
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "resample", "rescale_factor"):
+        assert getattr(image_processor, key) == config[key], key
+    assert list(image_processor.image_mean) == config["image_mean"]
+    assert list(image_processor.image_std) == config["image_std"]
 
 
 def test_comfyui_latents_are_the_vaes_raw_space(local, single):

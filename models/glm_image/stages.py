@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -34,7 +35,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
-from transformers import GlmImageForConditionalGeneration, GlmImageProcessor, StoppingCriteria, StoppingCriteriaList
+from transformers import (GlmImageForConditionalGeneration, GlmImageImageProcessorPil, GlmImageProcessor,
+                          StoppingCriteria, StoppingCriteriaList)
 
 from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
@@ -101,8 +103,21 @@ def load(ctx: StageContext, path: str, ar_tensor_parallel: bool | None = None) -
         attach_ar(ctx, model,
                   loading.load_component(path, "vision_language_encoder", dtype, dev,
                                          cls=GlmImageForConditionalGeneration).eval(),
-                  loading.load_component(path, "processor", cls=GlmImageProcessor))
+                  load_processor(path))
     return model
+
+
+def load_processor(path: str) -> GlmImageProcessor:
+    """The AR's processor, its image processor always transformers' PIL one, torchvision installed or not.
+
+    The folder names GlmImageImageProcessor, the torchvision class: transformers builds it where torchvision is
+    installed and GlmImageImageProcessorPil where not. They resize condition images differently (torchvision's
+    antialiased bicubic on tensors, PIL's bicubic), so the AR's condition tokens would depend on the environment;
+    Pillow is a dependency, torchvision is not."""
+    processor = loading.load_component(path, "processor", cls=GlmImageProcessor)
+    processor.image_processor = GlmImageImageProcessorPil.from_pretrained(Path(path) / "processor",
+                                                                          local_files_only=True)
+    return processor
 
 
 def setup_transformer(ctx: StageContext, transformer) -> list:

@@ -11,6 +11,9 @@ The AR tokenizer is a byte-level BPE (no merges) whose first ids are the real `<
 GLM-Image, where `<|dit_token_{V}|>` (image start, the AR's bos) and `<|dit_token_{V+1}|>` (image end, the eos)
 follow the V sampled vision tokens: the AR's lm_head has V outputs, so eos is never sampled and the token grid is
 always complete.
+
+The processor folder is laid out as the published zai-org/GLM-Image's: a flat preprocessor_config.json naming
+GlmImageImageProcessor (transformers' torchvision class) with the published keys and values, pixel limits shrunk.
 """
 from __future__ import annotations
 
@@ -26,7 +29,14 @@ IMAGE_START = VISION_VOCAB  # <|dit_token_64|>: image start, the AR's bos
 IMAGE_END = VISION_VOCAB + 1  # <|dit_token_65|>: image end, the AR's eos (outside the sampled range)
 DIT_HEADS = 3  # not a power of two: Ulysses pads heads for degree 2 and 4
 MARKER = "tiny_glm_image.json"
-VERSION = 2  # bump on any change: folders built by an older version are rebuilt
+VERSION = 3  # bump on any change: folders built by an older version are rebuilt
+# The published processor/preprocessor_config.json, but for min_pixels and max_pixels
+PREPROCESSOR_CONFIG = {
+    "min_pixels": 32 * 32, "max_pixels": 1024 * 1024, "do_rescale": True, "do_normalize": True, "do_resize": True,
+    "patch_size": 16, "temporal_patch_size": 1, "merge_size": 1, "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5], "image_processor_type": "GlmImageImageProcessor",
+    "processor_class": "GlmImageProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+}
 
 CHAT_TEMPLATE = (
     "[gMASK]<|user|>\n"
@@ -55,6 +65,7 @@ def build_tiny_glm_image(folder: str | os.PathLike) -> str:
         components = _components()
     pipe = GlmImagePipeline(**components)
     pipe.save_pretrained(folder, safe_serialization=True)
+    _publish_processor_layout(folder / "processor")
     marker.write_text(json.dumps({"version": VERSION}))
     return str(folder)
 
@@ -124,11 +135,20 @@ def _processor():
         eos_token=f"<|dit_token_{IMAGE_END}|>", pad_token="<|endoftext|>", image_token="<|image|>",
         grid_bos_token="<sop>", grid_eos_token="<eop>", padding_side="left",
     )
-    image_processor = GlmImageImageProcessorPil(
-        patch_size=16, temporal_patch_size=1, merge_size=1, min_pixels=32 * 32, max_pixels=1024 * 1024,
-    )
+    image_processor = GlmImageImageProcessorPil(**{k: v for k, v in PREPROCESSOR_CONFIG.items()
+                                                   if k not in ("image_processor_type", "processor_class")})
     processor = GlmImageProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     return processor, tokenizer
+
+
+def _publish_processor_layout(folder: Path) -> None:
+    """save_pretrained nests the image processor's settings in processor_config.json; the published folder keeps
+    them in a flat preprocessor_config.json, which transformers reads where processor_config.json nests none."""
+    processor_config = folder / "processor_config.json"
+    if set(json.loads(processor_config.read_text())) != {"image_processor", "processor_class"}:
+        raise RuntimeError(f"{processor_config} holds more than the image processor: the layout would lose it")
+    processor_config.unlink()
+    (folder / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2) + "\n")
 
 
 def _ar_model(tokenizer):
