@@ -8,6 +8,7 @@ import torch
 from diffusers import ZImagePipeline
 
 from comfyui_parallel_diffusion import models
+from comfyui_parallel_diffusion.models.zimage import latent_format, stages
 from comfyui_parallel_diffusion.models.zimage import pipeline as zimage
 from comfyui_parallel_diffusion.parallel import Layout, LayoutError, LocalRunner
 from comfyui_parallel_diffusion.parallel.group import WorkerGroup
@@ -140,3 +141,119 @@ def test_real_rotary_processor_equals_diffusers():
         attn.set_processor(RealRotaryAttnProcessor())
         got = attn(x, attention_mask=mask, freqs_cis=freqs)
     assert (got - expected).abs().max().item() <= 1e-6
+
+
+# -- image-to-image and ComfyUI's latent space ----------------------------------------------------------------------
+
+IMG2IMG_STEPS = 4  # at strength 0.6 the schedule starts at its second step (diffusers' get_timesteps); 2 steps would not
+STRENGTH = 0.6
+IMG2IMG_CASES = [("square", 0.0, 1), ("odd", 3.0, 2)]  # batch 2 from one init latent, repeated as diffusers does
+
+
+def _init_latents(size, batch=1):
+    height, width = SIZES[size]
+    return torch.randn(batch, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(3))
+
+
+def _img2img(runner, key, size, guidance, batch, strength=STRENGTH, seed=7):
+    height, width = SIZES[size]
+    return zimage.generate(runner, key, prompt=PROMPTS[batch], height=height, width=width, steps=IMG2IMG_STEPS,
+                           guidance=guidance, seed=seed, init_latents=_init_latents(size), strength=strength)
+
+
+@pytest.fixture(scope="module")
+def single_img2img(tiny_zimage):
+    runner = LocalRunner(models)
+    runner.load("z", "zimage", path=str(tiny_zimage))
+    cache = {}
+
+    def result(size, guidance, batch):
+        if (size, guidance, batch) not in cache:
+            cache[size, guidance, batch] = _img2img(runner, "z", size, guidance, batch)
+        return cache[size, guidance, batch]
+
+    return result
+
+
+@pytest.mark.parametrize("size,guidance", [("square", 0.0), ("landscape", 3.0)])
+def test_img2img_equals_diffusers(tiny_zimage, single_img2img, size, guidance):
+    from diffusers import ZImageImg2ImgPipeline
+    from diffusers.image_processor import VaeImageProcessor
+
+    height, width = SIZES[size]
+    pipe = ZImageImg2ImgPipeline.from_pretrained(tiny_zimage, use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    # Latents as its `image`, used as they are (no VAE encode, which would draw from the generator first): its
+    # processor passes through only tensors with vae_latent_channels channels
+    pipe.image_processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor * 2, vae_latent_channels=16)
+    common = dict(image=_init_latents(size), strength=STRENGTH, height=height, width=width,
+                  num_inference_steps=IMG2IMG_STEPS, guidance_scale=guidance)
+    ref_latents = pipe(list(PROMPTS[1]), **common, generator=torch.Generator("cpu").manual_seed(7),
+                       output_type="latent").images
+    ref_image = pipe(list(PROMPTS[1]), **common, generator=torch.Generator("cpu").manual_seed(7),
+                     output_type="np").images
+    images, latents = single_img2img(size, guidance, 1)
+    latent_err = (latents - ref_latents).abs().max().item()
+    image_err = np.abs(images.numpy() - ref_image).max()
+    print(f"img2img {size} {height}x{width} guidance {guidance}: latents max|diff| {latent_err:.2e}, "
+          f"image {image_err:.2e}")
+    assert latents.shape == ref_latents.shape
+    assert latent_err <= 1e-5 and image_err <= 1e-5
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_img2img_parallel_equals_single_process(tiny_zimage, single_img2img, ranks):
+    group = WorkerGroup(Layout.for_world(ranks), "cpu", torch.float32)
+    try:
+        group.load("z", "zimage", path=str(tiny_zimage))
+        for size, guidance, batch in IMG2IMG_CASES:
+            images, latents = _img2img(group, "z", size, guidance, batch)
+            ref_images, ref_latents = single_img2img(size, guidance, batch)
+            err = (latents - ref_latents).abs().max().item()
+            print(f"img2img {ranks} ranks {size} guidance {guidance} batch {batch}: latents max|diff| {err:.2e}")
+            assert err <= PARALLEL_TOLERANCE
+            assert (images - ref_images).abs().max().item() <= 1e-3
+    finally:
+        group.close()
+
+
+def test_full_denoise_ignores_the_init_latents(tiny_zimage, single_img2img):
+    """Strength 1 starts at sigma 1, where the noise replaces the latent (diffusers and KSampler): the latent gives
+    only the size and batch, and the result is text-to-image's with the same seed."""
+    runner = LocalRunner(models)
+    runner.load("z", "zimage", path=str(tiny_zimage))
+    kwargs = dict(prompt=PROMPTS[1], height=64, width=64, steps=IMG2IMG_STEPS, guidance=0.0, seed=7)
+    _, text_to_image = zimage.generate(runner, "z", **kwargs)
+    _, full = zimage.generate(runner, "z", **kwargs, init_latents=_init_latents("square"), strength=1.0)
+    assert torch.equal(full, text_to_image)
+    _, from_latent = single_img2img("square", 0.0, 1)
+    assert (from_latent - text_to_image).abs().max() > 1e-2  # at 0.6 the init latents do count
+
+
+def test_img2img_input_errors():
+    runner = LocalRunnerWithLayout(Layout())
+    kwargs = dict(prompt="x", height=64, width=64, steps=4, guidance=0.0, seed=0)
+    with pytest.raises(ValueError, match="denoise must be above 0 and at most 1, got 0.0"):
+        zimage.generate(runner, "z", **kwargs, init_latents=_init_latents("square"), strength=0.0)
+    with pytest.raises(ValueError, match="denoise 0.5 needs an input latent"):
+        zimage.generate(runner, "z", **kwargs, strength=0.5)
+    with pytest.raises(ValueError, match="do not fit 1 prompts at 64x64"):
+        zimage.generate(runner, "z", **kwargs, init_latents=_init_latents("landscape"), strength=0.5)
+    with pytest.raises(ValueError, match=r"72x64 pixels \(9x8 in latent space\).*got 72; use 64 or 80"):
+        stages.latent_image_size(torch.zeros(1, 16, 8, 9))
+    with pytest.raises(ValueError, match="16 channels"):
+        stages.latent_image_size(torch.zeros(1, 4, 8, 8))
+
+
+def test_comfy_latent_format():
+    """ComfyUI's Flux process_in / process_out, operation for operation; the round trip within float32 rounding
+    (not bit-exact: x / 0.3611 + 0.1159 rounds to float32 before it is undone)."""
+    x = torch.randn(2, 16, 8, 12, generator=torch.Generator().manual_seed(0)) * 2
+    assert torch.equal(latent_format.to_comfy(x), (x / 0.3611) + 0.1159)
+    assert torch.equal(latent_format.from_comfy(x), (x - 0.1159) * 0.3611)
+    eps = torch.finfo(torch.float32).eps
+    assert (latent_format.from_comfy(latent_format.to_comfy(x)) - x).abs().max().item() <= 4 * eps * x.abs().max()
+    assert (latent_format.to_comfy(latent_format.from_comfy(x)) - x).abs().max().item() <= 4 * eps * x.abs().max()
+    # KSampler's start: an empty latent stays zero (and gets 16 channels, as EmptyLatentImage's 4 do in ComfyUI)
+    assert torch.equal(latent_format.init_latents_from_comfy(torch.zeros(1, 4, 8, 8)), torch.zeros(1, 16, 8, 8))
+    assert torch.equal(latent_format.init_latents_from_comfy(x), latent_format.from_comfy(x))

@@ -20,6 +20,7 @@ from .. import loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from .attention import use_real_rotary
+from .latent_format import LATENT_CHANNELS
 from .plan import apply_sequence_parallel
 
 PIPELINE = "ZImagePipeline"
@@ -91,25 +92,37 @@ def _encode_texts(model: ZImage, texts: list[str], device: torch.device) -> list
     return [hidden[i][mask[i]].float().cpu() for i in range(len(texts))]
 
 
-def prepare(ctx: StageContext, model: ZImage, *, batch: int, height: int, width: int, seed: int) -> torch.Tensor:
-    """Initial noise exactly as diffusers draws it from torch.Generator("cpu").manual_seed(seed)."""
+def prepare(ctx: StageContext, model: ZImage, *, batch: int, height: int, width: int, seed: int,
+            init_latents: torch.Tensor | None = None, strength: float = 1.0, steps: int | None = None
+            ) -> torch.Tensor:
+    """Initial latents exactly as diffusers makes them: noise from torch.Generator("cpu").manual_seed(seed), or for
+    image-to-image (init_latents in diffusers' space, strength < 1) ZImageImg2ImgPipeline.prepare_latents: that
+    noise mixed into the init latents at the first sigma the strength keeps of the `steps` schedule. At strength 1
+    that sigma is 1 and the noise replaces them entirely, so they only gave the size."""
     check_size(height, width)
     shape = (batch, model.transformer.in_channels, 2 * (height // (VAE_SCALE * 2)), 2 * (width // (VAE_SCALE * 2)))
-    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    noise = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
+    if init_latents is None or strength == 1.0:
+        return noise
+    # one init latent for several prompts is repeated, as diffusers does
+    init_latents = torch.cat([init_latents.float()] * (batch // init_latents.shape[0]))
+    scheduler, timesteps = _scheduler(model, noise, steps, strength)
+    return scheduler.scale_noise(init_latents, timesteps[:1].repeat(batch), noise)
 
 
 @torch.no_grad()
 def denoise(ctx: StageContext, model: ZImage, *, latents: torch.Tensor, prompt_embeds: list[torch.Tensor],
-            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float) -> torch.Tensor:
-    """The flow-matching loop; sharded over the sequence by the plan, guidance branches split by cfg degree."""
+            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float, strength: float = 1.0
+            ) -> torch.Tensor:
+    """The flow-matching loop; sharded over the sequence by the plan, guidance branches split by cfg degree.
+    strength < 1 (image-to-image, latents from prepare) runs only the last steps of the schedule."""
     use_cfg = guidance > 0
     ctx.comm.layout.check_branches(2 if use_cfg else 1)
-    scheduler = _scheduler(model, latents, steps)
+    scheduler, timesteps = _scheduler(model, latents, steps, strength)
     dev, dtype = ctx.device, model.transformer.dtype
     cond = [e.to(dev, dtype) for e in prompt_embeds]
     uncond = [e.to(dev, dtype) for e in negative_prompt_embeds]
     latents = latents.to(dev)
-    timesteps = scheduler.timesteps
     # Z-Image's time input, for every step at once: a host-to-device copy inside the loop would stall the GPU queue
     model_times = ((1000 - timesteps) / 1000).to(dev)
     for i, t in enumerate(timesteps):
@@ -130,15 +143,51 @@ def denoise(ctx: StageContext, model: ZImage, *, latents: torch.Tensor, prompt_e
     return latents.cpu()
 
 
-def _scheduler(model: ZImage, latents: torch.Tensor, steps: int) -> FlowMatchEulerDiscreteScheduler:
-    """A fresh scheduler per request (its step index is state), with the resolution-dependent shift."""
+def _scheduler(model: ZImage, latents: torch.Tensor, steps: int, strength: float
+               ) -> tuple[FlowMatchEulerDiscreteScheduler, torch.Tensor]:
+    """A fresh scheduler per request (its step index is state), with the resolution-dependent shift, and the
+    timesteps the strength runs (all at strength 1)."""
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(model.scheduler_config)
     cfg = scheduler.config
     mu = calculate_shift((latents.shape[2] // 2) * (latents.shape[3] // 2), cfg.get("base_image_seq_len", 256),
                          cfg.get("max_image_seq_len", 4096), cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15))
     scheduler.set_timesteps(sigmas=get_default_z_image_sigmas(steps), device="cpu", mu=mu)
-    scheduler.set_begin_index(0)
-    return scheduler
+    start = start_step(steps, strength)
+    scheduler.set_begin_index(start)  # the flow-matching Euler scheduler's order is 1: one timestep per step
+    return scheduler, scheduler.timesteps[start:]
+
+
+def start_step(steps: int, strength: float) -> int:
+    """Where a denoise strength enters the schedule of `steps`, as ZImageImg2ImgPipeline.get_timesteps: it runs the
+    last steps - start of them (about strength x steps, rounded up)."""
+    return int(max(steps - min(steps * strength, steps), 0))
+
+
+def check_strength(strength: float, has_init_latents: bool) -> None:
+    if not 0 < strength <= 1:
+        raise ValueError(f"Z-Image denoise must be above 0 and at most 1, got {strength}; 1 generates from noise "
+                         f"alone (an input latent gives only the size), lower keeps more of the input latent")
+    if strength < 1 and not has_init_latents:
+        raise ValueError(f"Z-Image denoise {strength} needs an input latent to keep part of; connect one "
+                         f"(e.g. VAE Encode) or set denoise to 1")
+
+
+def check_latent_shape(latents: torch.Tensor) -> None:
+    if latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"a Z-Image latent is (batch, {LATENT_CHANNELS} channels, height, width), got shape "
+                         f"{tuple(latents.shape)}; use EmptySD3LatentImage, or VAE Encode with Z-Image's (Flux's) VAE")
+
+
+def latent_image_size(latents: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, height, width in pixels) of the image a (B, 16, H/8, W/8) latent stands for, checked as check_size."""
+    check_latent_shape(latents)
+    batch, _, height, width = latents.shape
+    try:
+        check_size(height * VAE_SCALE, width * VAE_SCALE)
+    except ValueError as exc:
+        raise ValueError(f"the input latent is {width * VAE_SCALE}x{height * VAE_SCALE} pixels ({width}x{height} in "
+                         f"latent space): {exc} (Latent Upscale can resize it)") from None
+    return batch, height * VAE_SCALE, width * VAE_SCALE
 
 
 def _forward(transformer: ZImageTransformer2DModel, x: torch.Tensor, timestep: torch.Tensor,
