@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from ..models.zimage import comfyui_files
 from ..models.zimage import pipeline as zimage
-from ..models.zimage.stages import PIPELINE, SIZE_MULTIPLE, check_size
+from ..models.zimage import latent_format
+from ..models.zimage.stages import (PIPELINE, SIZE_MULTIPLE, check_latent_shape, check_size, check_strength,
+                                    latent_image_size)
 from . import model_files, runtime
 from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, layout_inputs, loader_inputs,
                      seed_input)
@@ -95,10 +97,11 @@ class ZImageDenoise:
     FUNCTION = "denoise"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
-    OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size), for 'Z-Image Decode "
-                       "(parallel)'.",)
+    OUTPUT_TOOLTIPS = ("The denoised latents (16 channels, 1/8 of the image size) in ComfyUI's latent space, as "
+                       "KSampler's: for 'Z-Image Decode (parallel)', or VAE Decode with Z-Image's VAE.",)
     DESCRIPTION = ("Generates the image latents: seeded noise, then the flow-matching denoising loop with the "
-                   "image's token sequence split across the GPUs. The result equals one GPU's.")
+                   "image's token sequence split across the GPUs. The result equals one GPU's. With a latent "
+                   "input and denoise below 1 it is image-to-image (diffusers' ZImageImg2ImgPipeline).")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -114,27 +117,51 @@ class ZImageDenoise:
                                        "round": 0.01,
                                        "tooltip": "Classifier-free guidance scale; 0 turns it off (Z-Image-Turbo). "
                                                   "Above 0 each step also runs the negative prompt."}),
-                "width": ("INT", {**size, "tooltip": f"Image width in pixels, a multiple of {SIZE_MULTIPLE}."}),
-                "height": ("INT", {**size, "tooltip": f"Image height in pixels, a multiple of {SIZE_MULTIPLE}."}),
+                "width": ("INT", {**size, "tooltip": f"Image width in pixels, a multiple of {SIZE_MULTIPLE}. "
+                                                     f"Ignored when a latent is connected (its size is used)."}),
+                "height": ("INT", {**size, "tooltip": f"Image height in pixels, a multiple of {SIZE_MULTIPLE}. "
+                                                      f"Ignored when a latent is connected (its size is used)."}),
                 "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
-                                       "tooltip": "Images generated together from one seed."}),
+                                       "tooltip": "Images generated together from one seed. Ignored when a latent "
+                                                  "is connected (its batch is used)."}),
+            },
+            "optional": {
+                "latent": ("LATENT", {"tooltip": "A latent to start from (VAE Encode with Z-Image's VAE, Latent "
+                                                 "Upscale, EmptySD3LatentImage), its image size a multiple of "
+                                                 f"{SIZE_MULTIPLE}; it sets the size and batch."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                      "tooltip": "How much of the latent is replaced: 1 starts from noise (the latent "
+                                                 "gives only the size), lower keeps more of it. As diffusers' "
+                                                 "img2img strength: runs the last steps x denoise of the steps "
+                                                 "(rounded up), not KSampler's full steps."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def denoise(self, model: runtime.ModelHandle, conditioning: dict, seed: int, steps: int, guidance: float,
-                width: int, height: int, batch_size: int, unique_id=None):
+                width: int, height: int, batch_size: int, latent: dict | None = None, denoise: float = 1.0,
+                unique_id=None):
         check_same_model(model, conditioning, "conditioning")
+        init_latents = None
         with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
+            check_strength(denoise, latent is not None)
+            if latent is not None:
+                if "noise_mask" in latent:
+                    raise ValueError("this latent has a noise mask (Set Latent Noise Mask), and Z-Image Denoise "
+                                     "(parallel) does not inpaint; connect a latent without one")
+                init_latents = latent_format.init_latents_from_comfy(latent["samples"])
+                batch_size, height, width = latent_image_size(init_latents)
             check_size(height, width)
             model.layout.check_branches(2 if guidance > 0 else 1)
         latents = runtime.run_stage(model, "zimage.prepare",
-                                    {"batch": batch_size, "height": height, "width": width, "seed": seed})
+                                    {"batch": batch_size, "height": height, "width": width, "seed": seed,
+                                     "init_latents": init_latents, "strength": denoise, "steps": steps})
         embeds = {name: conditioning[name] * batch_size for name in ("prompt_embeds", "negative_prompt_embeds")}
         latents = runtime.run_stage(model, "zimage.denoise",
-                                    {"latents": latents, "steps": steps, "guidance": guidance, **embeds},
+                                    {"latents": latents, "steps": steps, "guidance": guidance, "strength": denoise,
+                                     **embeds},
                                     node_id=unique_id)
-        return ({"samples": latents},)
+        return ({"samples": latent_format.to_comfy(latents)},)
 
 
 class ZImageDecode(DecodeBase):
@@ -142,7 +169,14 @@ class ZImageDecode(DecodeBase):
     STAGE = "zimage.decode"
     MODEL_INPUT = MODEL_INPUT
     LATENT_SOURCE = "Z-Image Denoise (parallel)"
-    DESCRIPTION = "Decodes Z-Image latents with the model's VAE, on the first GPU of the group."
+    DESCRIPTION = ("Decodes Z-Image latents with the model's VAE, on the first GPU of the group. Takes ComfyUI's "
+                   "LATENT (the VAE's space), so also VAE Encode, Latent Upscale or Load Latent output.")
+
+    def decode(self, model: runtime.ModelHandle, latent: dict):
+        with runtime.user_errors():
+            check_latent_shape(latent["samples"])
+        # the decode stage takes diffusers' latents
+        return (runtime.run_stage(model, self.STAGE, {"latents": latent_format.from_comfy(latent["samples"])}),)
 
 
 NODE_CLASS_MAPPINGS = {
