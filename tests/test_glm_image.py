@@ -77,6 +77,9 @@ def diffusers_pipe(tiny_glm_image):
     pipe = GlmImagePipeline.from_pretrained(tiny_glm_image, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     split_condition_features_per_image(pipe)
+    # Our loader's PIL image processor: where torchvision is installed diffusers' pipeline would resize the
+    # condition images with it instead, and their tokens would differ for that reason alone
+    pipe.processor.image_processor = stages.load_processor(tiny_glm_image).image_processor
     return pipe
 
 
