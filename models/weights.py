@@ -4,14 +4,16 @@ Why not diffusers' from_pretrained: without `accelerate` (ComfyUI does not insta
 with random weights in host memory and then copies a whole state dict in, so one rank peaks at about twice the
 model in float32 (8.9 GB for a 1.45 B-parameter slice of the Z-Image DiT, measured on CPU). Here the model is
 built on the meta device (no memory, no random initialisation), and each tensor is read from the file into its own
-host buffer, moved to the device, cast there, and assigned: a rank's host memory holds one tensor at a time on
-GPUs. Reads go through the page cache, so ranks on one host reading the same file share it.
+host buffer, moved to the device, cast there, and assigned: a rank's host memory holds a few tensors at a time
+(READ_AHEAD) on GPUs. Reads go through the page cache, so ranks on one host reading the same file share it.
 
 Strict: every weight of the model must be filled and every tensor offered must be used, with shapes equal; an
 fp8 tensor is upcast (exact: every fp8 value is a bf16 value). Problems are one line naming the file.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
 import struct
 from dataclasses import dataclass
@@ -92,6 +94,23 @@ def read(info: TensorInfo) -> torch.Tensor:
     return data.view(info.dtype).view(info.shape)
 
 
+READ_AHEAD = 4  # tensors read ahead while the one before is copied to the device: bounds host memory to a few
+
+
+def tensors(infos: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each entry, read by a few threads ahead of the consumer (file reads release the GIL, so
+    reading overlaps the consumer's copies to the device), in order."""
+    items = list(infos.items())
+    with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
+        pending: collections.deque = collections.deque()
+        for i in range(len(items) + READ_AHEAD):
+            if i < len(items):
+                pending.append((items[i][0], pool.submit(read, items[i][1])))
+            if len(pending) > READ_AHEAD or (i >= len(items) and pending):
+                name, future = pending.popleft()
+                yield name, future.result()
+
+
 def empty_model(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """The module `build` makes, on the meta device: no memory and no random initialisation."""
     with torch.device("meta"):
@@ -148,7 +167,7 @@ def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 def converted(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, source: str,
               unused: Iterable[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors from a file's, through a library's checkpoint converter (diffusers' single-file
-    converters take and return {name: tensor}), one file tensor at a time so that host memory holds one tensor.
+    converters take and return {name: tensor}), one file tensor at a time so that host memory holds a few tensors.
     `convert` must then map each tensor on its own (renames and splits, as Z-Image's DiT converter does).
     Every file tensor must reach the model except those named in `unused`; checked on the header first (on meta
     tensors: no data read), so a wrong file fails before any weight is loaded."""
@@ -157,9 +176,8 @@ def converted(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, 
         if name not in unused and not convert({name: torch.empty(info.shape, dtype=info.dtype, device="meta")}):
             raise WeightsError(f"{source}: tensor {name} has no place in the model; is this a file of another "
                                f"model?")
-    for name, info in infos.items():
-        if name not in unused:
-            yield from convert({name: read(info)}).items()
+    for name, tensor in tensors({name: info for name, info in infos.items() if name not in unused}):
+        yield from convert({name: tensor}).items()
 
 
 def converted_whole(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, source: str
@@ -167,10 +185,10 @@ def converted_whole(infos: dict[str, TensorInfo], convert: Callable[[dict], dict
     """As `converted`, for converters that need the whole checkpoint at once (diffusers' LDM VAE converter): all
     tensors are read (small models only), and a tensor the converter silently dropped is found by storage (each
     read tensor has its own buffer, and a converter's renames, reshapes and splits keep it)."""
-    tensors = {name: read(info) for name, info in infos.items()}
-    out = convert(dict(tensors))
+    read_all = dict(tensors(infos))
+    out = convert(dict(read_all))
     used = {t.untyped_storage().data_ptr() for t in out.values()}
-    dropped = sorted(name for name, t in tensors.items() if t.numel() and t.untyped_storage().data_ptr() not in used)
+    dropped = sorted(name for name, t in read_all.items() if t.numel() and t.untyped_storage().data_ptr() not in used)
     if dropped:
         raise WeightsError(f"{source}: {len(dropped)} tensors have no place in the model, e.g. {dropped[0]}; is "
                            f"this a file of another model?")
