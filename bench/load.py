@@ -38,7 +38,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(REPO / "tests"))  # comfyui_files: the diffusers -> ComfyUI layout writers
+sys.path.insert(0, str(REPO / "tests"))  # comfyui_layout: the diffusers -> ComfyUI layout writers
 
 CONFIGS = REPO / "models" / "zimage" / "configs"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # cpu: a check of this script only
@@ -161,12 +161,12 @@ def write_zimage(root: Path, scale: str, *, folder_too: bool = True, files_too: 
         vae.save_config(folder / "vae")
         write_random(vae, folder / "vae", "diffusion_pytorch_model.safetensors", torch.float32, 1, seed=2)
     if files_too:
-        import comfyui_files
+        import comfyui_layout
 
         write_random(dit, files, "z_image_turbo_bf16.safetensors", torch.bfloat16, 1,
-                     rename=comfyui_files.comfyui_transformer_state_dict)
+                     rename=comfyui_layout.comfyui_transformer_state_dict)
         write_random(te, files, "qwen_3_4b.safetensors", torch.bfloat16, 1, rename=causal_lm, seed=1)
-        write_random(vae, files, "ae.safetensors", torch.float32, 1, rename=comfyui_files.ldm_vae_state_dict, seed=2)
+        write_random(vae, files, "ae.safetensors", torch.float32, 1, rename=comfyui_layout.ldm_vae_state_dict, seed=2)
     return {"folder": str(folder), "transformer": str(files / "z_image_turbo_bf16.safetensors"),
             "text_encoder": str(files / "qwen_3_4b.safetensors"), "vae": str(files / "ae.safetensors"),
             "tokenizer": str(folder / "tokenizer")}
