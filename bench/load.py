@@ -136,15 +136,14 @@ def write_zimage(root: Path, scale: str, *, folder_too: bool = True, files_too: 
 
     folder = root / "Z-Image-Turbo"
     files = root / "comfyui"
-    tiny.build_tiny_zimage(folder)  # tokenizer, scheduler, model_index; the three models are replaced below
+    if folder_too:
+        tiny.build_tiny_zimage(folder)  # tokenizer, scheduler, model_index; the three models are replaced below
     dit_config, vae_config, te_config = _published("transformer"), _published("vae"), _published("text_encoder")
     if scale == "tiny":  # a CPU check of this script: the tiny model's widths, the published layout
         dit_config.update(tiny.TRANSFORMER_CONFIG)
         vae_config.update(tiny.VAE_CONFIG)
         te_config.update(hidden_size=tiny.TEXT_HIDDEN, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=3, num_key_value_heads=1, head_dim=16)
-    for part in ("transformer", "text_encoder", "vae"):
-        shutil.rmtree(folder / part, ignore_errors=True)
     files.mkdir(parents=True, exist_ok=True)
     dit = weights.empty_model(lambda: ZImageTransformer2DModel.from_config(dit_config))
     config = Qwen3Config(**{k: v for k, v in te_config.items() if k not in ("architectures", "torch_dtype")})
@@ -153,6 +152,8 @@ def write_zimage(root: Path, scale: str, *, folder_too: bool = True, files_too: 
     vae = weights.empty_model(lambda: AutoencoderKL.from_config(vae_config))
     causal_lm = lambda sd: {f"model.{k}": v for k, v in sd.items()}
     if folder_too:
+        for part in ("transformer", "text_encoder", "vae"):
+            shutil.rmtree(folder / part, ignore_errors=True)
         dit.save_config(folder / "transformer")
         write_random(dit, folder / "transformer", "diffusion_pytorch_model.safetensors", torch.float32, SHARDS)
         config.save_pretrained(folder / "text_encoder")
@@ -308,12 +309,13 @@ def main() -> None:
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "runs": {}}
     for part in args.parts.split(","):
         t = time.perf_counter()
-        shutil.rmtree(args.root, ignore_errors=True)
         if part == "zimage":
+            shutil.rmtree(args.root, ignore_errors=True)
             paths = write_zimage(args.root, args.scale, files_too=False)
-        elif part == "zimage_files":
-            paths = write_zimage(args.root, args.scale)
-        else:
+        elif part == "zimage_files":  # beside the folder of the part before (the second model), if it ran
+            paths = write_zimage(args.root, args.scale, folder_too=not (args.root / "Z-Image-Turbo").is_dir())
+        else:  # the disk (64 GB on the lent machine) holds one model family at a time
+            shutil.rmtree(args.root, ignore_errors=True)
             paths = write_glm_image(args.root, args.scale)
         run = {"write_s": time.perf_counter() - t, "disk_gb": _du(args.root) / GB, "loads": []}
         print(f"{part}: written in {run['write_s']:.0f} s, {run['disk_gb']:.1f} GB", flush=True)
