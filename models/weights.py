@@ -82,11 +82,13 @@ def headers(files: Iterable) -> dict[str, TensorInfo]:
     return merged
 
 
-def read(info: TensorInfo) -> torch.Tensor:
+def read(info: TensorInfo, pin: bool = False) -> torch.Tensor:
     """One tensor from its file into a host buffer of its own (so a conversion's views can be traced to it). The
     buffer is torch's own allocation: its alignment then matches any other CPU tensor's, which CPU kernels'
-    summation order depends on (a bytearray's did not, and moved results by 1e-6)."""
-    data = torch.empty(info.end - info.start, dtype=torch.uint8)
+    summation order depends on (a bytearray's did not, and moved results by 1e-6). `pin`: page-locked, from torch's
+    caching host allocator (blocks are reused once their copy to the GPU is done), so the copy runs at full speed
+    (pageable memory halved the load's speed on an H200, bench/results/load_zimage_h200.json)."""
+    data = torch.empty(info.end - info.start, dtype=torch.uint8, pin_memory=pin)
     with info.file.open("rb") as f:
         f.seek(info.start)
         if data.numel() and f.readinto(memoryview(data.numpy())) != data.numel():
@@ -97,15 +99,15 @@ def read(info: TensorInfo) -> torch.Tensor:
 READ_AHEAD = 4  # tensors read ahead while the one before is copied to the device: bounds host memory to a few
 
 
-def tensors(infos: dict[str, TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors(infos: dict[str, TensorInfo], pin: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for each entry, read by a few threads ahead of the consumer (file reads release the GIL, so
-    reading overlaps the consumer's copies to the device), in order."""
+    reading overlaps the consumer's copies to the device), in order; `pin` as in read()."""
     items = list(infos.items())
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
         pending: collections.deque = collections.deque()
         for i in range(len(items) + READ_AHEAD):
             if i < len(items):
-                pending.append((items[i][0], pool.submit(read, items[i][1])))
+                pending.append((items[i][0], pool.submit(read, items[i][1], pin)))
             if len(pending) > READ_AHEAD or (i >= len(items) and pending):
                 name, future = pending.popleft()
                 yield name, future.result()
@@ -123,20 +125,23 @@ def fill(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *,
     tensors cast to `dtype` there. Every weight must be filled exactly once; a weight the model ties to another
     (transformers' `_tied_weights_keys`) may be left out and then shares the filled one. Afterwards no tensor of
     the model may be left on the meta device."""
-    targets = model.state_dict(keep_vars=True)
+    # Shapes and dtypes only: holding the tensors would keep a device-built model's random weights alive until the
+    # end (8 GB more GPU memory for Qwen3-4B, bench/results/load_zimage_h200.json).
+    targets = {name: (tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items()}
     filled: set[str] = set()
     for name, tensor in tensors:
         target = targets.get(name)
         if target is None:
             raise WeightsError(f"{source}: tensor {name} is not a weight of {type(model).__name__}; is this a "
                                f"file of another model?")
-        if tuple(tensor.shape) != tuple(target.shape):
+        shape, target_dtype = target
+        if tuple(tensor.shape) != shape:
             raise WeightsError(f"{source}: {name} has shape {tuple(tensor.shape)}, {type(model).__name__} needs "
-                               f"{tuple(target.shape)}")
+                               f"{shape}")
         if name in filled:
             raise WeightsError(f"{source}: {name} is given twice")
-        value = tensor.to(device)
-        _assign(model, name, value.to(dtype if target.dtype.is_floating_point else target.dtype))
+        value = tensor.to(device, non_blocking=tensor.is_pinned())
+        _assign(model, name, value.to(dtype if target_dtype.is_floating_point else target_dtype))
         filled.add(name)
     tied = getattr(model, "_tied_weights_keys", None) or {}
     for name in set(targets) - filled:
@@ -165,7 +170,7 @@ def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def converted(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, source: str,
-              unused: Iterable[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
+              unused: Iterable[str] = (), pin: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors from a file's, through a library's checkpoint converter (diffusers' single-file
     converters take and return {name: tensor}), one file tensor at a time so that host memory holds a few tensors.
     `convert` must then map each tensor on its own (renames and splits, as Z-Image's DiT converter does).
@@ -176,7 +181,7 @@ def converted(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, 
         if name not in unused and not convert({name: torch.empty(info.shape, dtype=info.dtype, device="meta")}):
             raise WeightsError(f"{source}: tensor {name} has no place in the model; is this a file of another "
                                f"model?")
-    for name, tensor in tensors({name: info for name, info in infos.items() if name not in unused}):
+    for name, tensor in tensors({name: info for name, info in infos.items() if name not in unused}, pin):
         yield from convert({name: tensor}).items()
 
 

@@ -110,7 +110,8 @@ def load_transformer(file: str, dtype: torch.dtype, device) -> ZImageTransformer
     config = _transformer_config(infos)
     # diffusers' converter drops the final norm of Lumina-style files (Z-Image's DiT has none).
     unused = [name for name in infos if name.endswith("norm_final.weight")]
-    tensors = weights.converted(infos, _convert_transformer, source=file, unused=unused)
+    tensors = weights.converted(infos, _convert_transformer, source=file, unused=unused,
+                                pin=torch.device(device).type == "cuda")
     return loading.load_diffusers_model(ZImageTransformer2DModel, config, [], dtype, torch.device(device),
                                         source=file, tensors=tensors)
 
