@@ -11,7 +11,8 @@ the server runs under ComfyUI's own venv ($COMFYUI_HOME/venv, built by shared/co
 The extension is installed as a real clone would be: a symlink
 $COMFYUI_HOME/ComfyUI/custom_nodes/comfyui-parallel-diffusion pointing at this repository. Everything the server
 writes (output, input, temp, user, database) goes to `workdir`, and `diffusers` models are looked up first in
-`workdir/models/diffusers` (through --extra-model-paths-config).
+`workdir/models/diffusers` (through --extra-model-paths-config). The same file adds `workdir/custom_nodes`, where
+the test-only nodes (TEST_NODES: tests/comfyui_test_nodes.py) are linked.
 
 `workflow_to_api` converts a UI-format workflow (what the frontend saves, and what example_workflows/ holds) into
 the API format that POST /prompt takes; ComfyUI has no server-side converter.
@@ -39,7 +40,10 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SPLIT_FILE_KINDS = ("diffusion_models", "text_encoders", "vae")  # ComfyUI's folders of single model files
 NODE_FOLDER_NAME = "comfyui-parallel-diffusion"  # the name a `git clone` of the repository would give
+# Test-only custom nodes, linked into a custom_nodes folder of the server's workdir (never the host's own folder).
+TEST_NODES = (Path(__file__).resolve().with_name("comfyui_test_nodes.py"),)
 SKIP_REASON = ("no ComfyUI host: set COMFYUI_HOME to a folder built by shared/comfyui-host/setup.sh "
                "(holding ComfyUI/main.py and venv/bin/python)")
 
@@ -189,7 +193,8 @@ class ComfyUIServer:
 
     def __init__(self, home: Path | str, workdir: Path | str, *, extension: Path | str | None = REPO_ROOT,
                  node_folder_name: str = NODE_FOLDER_NAME, cpu: bool | None = None, extra_args: tuple = (),
-                 env: Mapping[str, str] | None = None, startup_timeout: float = 120.0):
+                 env: Mapping[str, str] | None = None, startup_timeout: float = 120.0,
+                 test_nodes: tuple = TEST_NODES):
         self.home = Path(home)
         self.comfy_dir = self.home / "ComfyUI"
         self.python = self.home / "venv" / "bin" / "python"
@@ -204,6 +209,7 @@ class ComfyUIServer:
         self.extra_args = tuple(extra_args) + tuple(shlex.split(os.environ.get("COMFYUI_EXTRA_ARGS", "")))
         self.env = dict(env) if env is not None else None
         self.startup_timeout = startup_timeout
+        self.test_nodes = tuple(Path(p) for p in test_nodes)
 
         self.output_dir = self.workdir / "output"
         self.input_dir = self.workdir / "input"
@@ -212,6 +218,7 @@ class ComfyUIServer:
         self.temp_dir = self.workdir / "temp"
         self.models_dir = self.workdir / "models"
         self.diffusers_dir = self.models_dir / "diffusers"
+        self.custom_nodes_dir = self.workdir / "custom_nodes"
         self.log_path = self.workdir / "comfyui.log"
 
         self.port: int | None = None
@@ -243,14 +250,24 @@ class ComfyUIServer:
         return args + list(self.extra_args)
 
     def start(self) -> "ComfyUIServer":
-        for d in (self.output_dir, self.input_dir, self.user_dir, self.diffusers_dir):
+        for d in (self.output_dir, self.input_dir, self.user_dir, self.diffusers_dir,
+                  *(self.models_dir / kind for kind in SPLIT_FILE_KINDS)):
             d.mkdir(parents=True, exist_ok=True)
+        self.custom_nodes_dir.mkdir(parents=True, exist_ok=True)
+        for node_file in self.test_nodes:
+            link = self.custom_nodes_dir / node_file.name
+            if not link.is_symlink():
+                link.symlink_to(node_file)
         # json strings are valid YAML scalars; is_default puts these folders first (and makes them the save target).
         (self.workdir / "extra_model_paths.yaml").write_text(
             "parallel_diffusion_tests:\n"
             f"  base_path: {json.dumps(str(self.models_dir))}\n"
             "  is_default: true\n"
-            "  diffusers: diffusers\n")
+            "  diffusers: diffusers\n"
+            "  diffusion_models: diffusion_models\n"
+            "  text_encoders: text_encoders\n"
+            "  vae: vae\n"
+            f"  custom_nodes: {json.dumps(str(self.custom_nodes_dir))}\n")  # absolute, so not under base_path
         if self.extension is not None:
             self.node_link = install_extension(self.home, self.extension, self.node_folder_name)
         self.port = free_loopback_port()

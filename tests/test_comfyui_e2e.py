@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import comfyui_layout  # noqa: E402
 from comfyui_server import NODE_FOLDER_NAME, REPO_ROOT, PromptRejected, load_workflow  # noqa: E402
 
 
@@ -134,6 +135,7 @@ OUR_NODES = {
 }
 EXAMPLES = {  # example file stem -> (denoise node class, AR node class or None)
     "z_image_text_to_image_2gpu": ("PDZImageDenoise", None),
+    "z_image_comfyui_files_2gpu": ("PDZImageDenoise", None),
     "glm_image_text_to_image_2gpu": ("PDGlmImageDenoise", "PDGlmImageAR"),
     "glm_image_edit_2gpu": ("PDGlmImageDenoise", "PDGlmImageAR"),
 }
@@ -155,10 +157,24 @@ def server(comfyui, tiny_zimage, tiny_glm_image):
         for part in os.listdir(tiny_zimage):
             if part not in ("vae", "model_index.json") and os.path.isdir(os.path.join(tiny_zimage, part)):
                 (broken / part).symlink_to(os.path.join(tiny_zimage, part), target_is_directory=True)
+    write_split_files(tiny_zimage, comfyui.models_dir)
     pixels = np.indices((64, 96)).sum(0) % 256  # LoadImage's default file name in the editing example
     Image.fromarray(np.stack([pixels, 255 - pixels, pixels // 2], -1).astype(np.uint8)).save(
         comfyui.input_dir / "example.png")
     return comfyui
+
+
+def write_split_files(tiny_zimage, models: Path) -> None:
+    """The tiny Z-Image as ComfyUI's three files, under the names the split-file example uses."""
+    from safetensors.torch import load_file, save_file
+
+    for kind, name, part, weights, write in (
+            ("diffusion_models", "z_image_turbo_bf16.safetensors", "transformer", "diffusion_pytorch_model",
+             comfyui_layout.comfyui_transformer_state_dict),
+            ("text_encoders", "qwen_3_4b.safetensors", "text_encoder", "model", comfyui_layout.causal_lm_state_dict),
+            ("vae", "ae.safetensors", "vae", "diffusion_pytorch_model", comfyui_layout.ldm_vae_state_dict)):
+        if not (models / kind / name).exists():
+            save_file(write(load_file(Path(tiny_zimage) / part / f"{weights}.safetensors")), models / kind / name)
 
 
 def example_prompt(server, stem: str, *, gpus: int | None = None, tag: str = "", **overrides) -> tuple[dict, dict]:
