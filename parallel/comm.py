@@ -36,6 +36,8 @@ class Comm:
         self.sp_rank = sp_index
         self._groups: dict[str, Any] = {}
         self._object_group = None
+        self._object_groups: dict[str, Any] = {}  # make_group's groups: their gloo twins, for objects
+        self._made: dict[tuple[int, ...], tuple[Any, Any]] = {}  # make_group's process groups, on every rank
         # (group, dtype) -> (symmetric buffer, its group's name): all_reduce's path for small sums
         self._small_all_reduce: dict[tuple[str, torch.dtype], tuple[torch.Tensor, str]] = {}
         if distributed:
@@ -54,8 +56,29 @@ class Comm:
         return self.rank == 0
 
     def group_size(self, name: str) -> int:
-        return {"cfg": self.layout.cfg, "ulysses": self.layout.ulysses, "ring": self.layout.ring,
-                "sp": self.layout.sp, "world": self.layout.world_size}[name]
+        """The size of a layout group, or of a make_group group this rank is in."""
+        sizes = {"cfg": self.layout.cfg, "ulysses": self.layout.ulysses, "ring": self.layout.ring,
+                 "sp": self.layout.sp, "world": self.layout.world_size}
+        return sizes[name] if name in sizes else len(self._groups[name][1])
+
+    def make_group(self, name: str, ranks) -> bool:
+        """A group `name` of some ranks (e.g. the ones a model's part is sharded over); returns whether this rank
+        is in it. Every rank of the world calls it, in the same order (torch.distributed creates groups
+        collectively); a group of the same ranks is made once and reused."""
+        ranks = tuple(ranks)
+        if ranks == tuple(range(self.world_size)):  # the world's own groups: no second communicator
+            self._groups[name] = (None, list(ranks))
+            self._object_groups[name] = self._object_group
+            return True
+        if ranks not in self._made:
+            pg = dist.new_group(list(ranks))
+            self._made[ranks] = (pg, dist.new_group(list(ranks), backend="gloo")
+                                 if dist.get_backend() != "gloo" else pg)
+        if self.rank not in ranks:
+            return False
+        self._groups[name] = (self._made[ranks][0], list(ranks))
+        self._object_groups[name] = self._made[ranks][1]
+        return True
 
     def group_rank(self, name: str) -> int:
         """This rank's index within its group `name`."""
@@ -84,17 +107,19 @@ class Comm:
         self._object_group = dist.new_group(list(ranks), backend="gloo") if dist.get_backend() != "gloo" else None
 
     # -- objects (CPU, world): requests, AR results, cancel decisions ------------------------------------------
-    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
-        """`obj` of rank `src` on every rank, `src` included, with its tensors as fresh CPU tensors (as pickling would
-        deliver them). Its structure is pickled over gloo, where an idle rank can wait for the next request without
-        spinning; its tensors follow as one byte buffer over the device group (NCCL on GPUs)."""
-        if not self.distributed or self.world_size == 1:
+    def broadcast_object(self, obj: Any, src: int = 0, group: str = "world") -> Any:
+        """`obj` of rank `src` on every member of `group` (src: a world rank), `src` included, with its tensors as
+        fresh CPU tensors (as pickling would deliver them). Its structure is pickled over gloo, where an idle rank
+        can wait for the next request without spinning; its tensors follow as one byte buffer over the device
+        group (NCCL on GPUs)."""
+        if not self.distributed or self.group_size(group) == 1:
             return obj
+        objects, tensors_pg = self._object_groups.get(group, self._object_group), self._groups[group][0]
         box: list[Any] = [None]
         if self.rank == src:
             header, tensors = wire.pack(obj)
             box = [(header, [t.numel() for t in tensors])]
-        dist.broadcast_object_list(box, src=src, group=self._object_group)
+        dist.broadcast_object_list(box, src=src, group=objects)
         header, sizes = box[0]
         if not sizes:
             return wire.unpack(header, [])
@@ -106,22 +131,23 @@ class Comm:
             for tensor, offset in zip(tensors, offsets):
                 staging[offset:offset + tensor.numel()].copy_(tensor)
         if not on_gpu:
-            dist.broadcast(staging, src=src)
+            dist.broadcast(staging, src=src, group=tensors_pg)
         elif self.rank == src:
-            dist.broadcast(staging.to(self.device, non_blocking=True), src=src)
+            dist.broadcast(staging.to(self.device, non_blocking=True), src=src, group=tensors_pg)
             torch.cuda.current_stream(self.device).synchronize()  # the caller may change staging's tensors
         else:
             buffer = torch.empty(total, dtype=torch.uint8, device=self.device)
-            dist.broadcast(buffer, src=src)
+            dist.broadcast(buffer, src=src, group=tensors_pg)
             staging.copy_(buffer, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         return wire.unpack(header, [staging[offset:offset + size] for offset, size in zip(offsets, sizes)])
 
-    def all_gather_object(self, obj: Any) -> list[Any]:
-        if not self.distributed or self.world_size == 1:
+    def all_gather_object(self, obj: Any, group: str = "world") -> list[Any]:
+        """Every member's `obj`, in group-rank order."""
+        if not self.distributed or self.group_size(group) == 1:
             return [obj]
-        out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=self._object_group)
+        out: list[Any] = [None] * self.group_size(group)
+        dist.all_gather_object(out, obj, group=self._object_groups.get(group, self._object_group))
         return out
 
     def barrier(self) -> None:
@@ -167,8 +193,8 @@ class Comm:
 
     def enable_small_all_reduce(self, group: str, dtype: torch.dtype) -> bool:
         """Let all_reduce sum `dtype` tensors of up to SMALL_ALL_REDUCE_BYTES over `group` through CUDA symmetric
-        memory instead of NCCL (torch's one-shot kernel; it can be captured in a CUDA graph). Every rank of the world
-        calls it. Where the GPUs cannot map each other's memory, all_reduce stays on NCCL; returns which."""
+        memory instead of NCCL (torch's one-shot kernel; it can be captured in a CUDA graph). Every member of the
+        group calls it. Where the GPUs cannot map each other's memory, all_reduce stays on NCCL; returns which."""
         if self.group_size(group) == 1 or self.device.type != "cuda" or (group, dtype) in self._small_all_reduce:
             return (group, dtype) in self._small_all_reduce
         import torch.distributed._symmetric_memory as symm_mem
@@ -180,7 +206,7 @@ class Comm:
             error = None
         except Exception as exc:  # noqa: BLE001 - any reason: NCCL still works
             error = f"{type(exc).__name__}: {exc}"
-        errors = [e for e in self.all_gather_object(error) if e]  # every member must take the same path
+        errors = [e for e in self.all_gather_object(error, group) if e]  # every member must take the same path
         if errors:
             log.warning("all-reduce stays on NCCL: no symmetric memory (%s)", errors[0])
             return False

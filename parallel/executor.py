@@ -46,20 +46,22 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
 
 
 def _in_step_on_every_rank(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
-    """Every rank runs the stage, then they compare outcomes: an exception every rank raised alike (an input the
-    stage refuses before its first collective, or a cancel, which ctx.step raises on all ranks together) becomes
-    an error or a cancel the group survives. A rank failing alone inside a collective cannot be saved this way:
-    the others wait there, and the host's process watch ends the group."""
+    """Every rank runs the stage (a rank outside the group the weights are sharded over returns at once), then
+    they compare outcomes and take rank 0's result: an exception every rank raised alike (an input the stage
+    refuses before its first collective, or a cancel, which ctx.step raises on all ranks together) becomes an
+    error or a cancel the group survives. A rank failing alone inside a collective cannot be saved this way: the
+    others wait there, and the host's process watch ends the group."""
     try:
         outcome: tuple[str, Any] = ("ok", stage.fn(ctx, model, **inputs))
     except Cancelled as stop:
         outcome = ("cancelled", (stop.step, stop.total))
     except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it, whatever it is
         outcome = ("error", f"{type(exc).__name__}: {exc}")
-    outcomes = ctx.comm.all_gather_object(outcome[:1] if outcome[0] == "ok" else outcome)
+    # rank 0 sends its result along: the ranks left out of the sharded group have none of their own
+    outcomes = ctx.comm.all_gather_object(outcome if outcome[0] != "ok" or ctx.is_main else outcome[:1])
     for rank, (status, *value) in enumerate(outcomes):
         if status == "error":
             raise MainRankError(f"stage {stage.name} failed on rank {rank}: {value[0]}")
         if status == "cancelled":
             raise Cancelled(*value[0])
-    return outcome[1]
+    return outcomes[0][1]

@@ -72,15 +72,16 @@ class StageContext:
     def is_main(self) -> bool:
         return self.comm.is_main
 
-    def step(self, done: int, total: int, what: str = "step") -> None:
-        """Call on every rank at each step boundary: reports progress, and stops every rank at the same step when
-        rank 0 has seen a cancel (a rank that stopped alone would leave the others waiting in a collective)."""
+    def step(self, done: int, total: int, what: str = "step", group: str = "world") -> None:
+        """Call on every rank of `group` (one holding rank 0) at each step boundary: reports progress, and stops
+        every rank at the same step when rank 0 has seen a cancel (a rank that stopped alone would leave the others
+        waiting in a collective)."""
         self._keep_pace()
         stop = False
         if self.is_main:
             self.report(what, done, total)
             stop = self.cancel_requested()
-        if self.comm.broadcast_object(stop):
+        if self.comm.broadcast_object(stop, group=group):
             raise Cancelled(done, total)
 
     def _keep_pace(self) -> None:
