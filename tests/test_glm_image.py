@@ -274,6 +274,24 @@ def test_condition_image_off_the_token_grid_is_refused_clearly(local):
                      guidance=1.5, seed=0)
 
 
+def test_ar_placement_for_every_gpu_count():
+    """The published AR (32 heads, 2 KV heads, FFN 13696) on 1-8 GPUs: tensor parallel over the largest group it
+    splits over evenly, the rest of the GPUs left out and named; rank 0 alone when asked, or on the CPU."""
+    from types import SimpleNamespace
+
+    published = SimpleNamespace(num_attention_heads=32, num_key_value_heads=2, intermediate_size=13696)
+    sizes = {gpus: stages.ar_placement("auto", "cuda", gpus, published)[0] for gpus in range(1, 9)}
+    assert sizes == {1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 4, 8: 8}
+    assert "over GPUs 0-3, 4 of 6" in stages.ar_placement("auto", "cuda", 6, published)[1]
+    assert "GPUs 4-5 wait" in stages.ar_placement("tensor_parallel", "cuda", 6, published)[1]
+    assert "GPU 2 waits" in stages.ar_placement("auto", "cuda", 3, published)[1]
+    assert stages.ar_placement("rank0", "cuda", 6, published)[0] == 1
+    assert stages.ar_placement("auto", "cpu", 6, published)[0] == 1
+    assert stages.ar_placement("tensor_parallel", "cpu", 6, published)[0] == 4
+    with pytest.raises(ValueError, match="one of auto, rank0, tensor_parallel"):
+        stages.ar_placement("tp", "cuda", 2, published)
+
+
 class RunnerThatMustNotRun:
     """Input checks happen on the host before anything is sent."""
 
@@ -344,20 +362,23 @@ def _cancel_while_sampling_stops_every_rank(group, single):
     assert (latents - single("t2i portrait")[1]).abs().max().item() <= PARALLEL_TOLERANCE
 
 
-TENSOR_PARALLEL_LAYOUTS = {
+TENSOR_PARALLEL_LAYOUTS = {  # the tiny AR: 4 heads, 2 KV heads, FFN 64 -> it splits over 1, 2 or 4 ranks
     "2 ranks (4 heads, 2 KV heads)": Layout.for_world(2),
     "cfg2 x ulysses2, AR over 4 ranks (KV heads replicated)": Layout.for_world(4, cfg=2),
+    "3 ranks, AR over ranks 0-1": Layout.for_world(3),
+    "6 ranks, AR over ranks 0-3": Layout.for_world(6),
 }
 
 
 @pytest.mark.parametrize("name", TENSOR_PARALLEL_LAYOUTS)
 def test_tensor_parallel_ar_equals_single_process(tiny_glm_image, local, single, name):
-    """The AR decoder sharded over every rank, rank 0 deciding each token: the same tokens and images as one
-    process, for every case; a cancel stops all ranks together and the group goes on."""
+    """The AR decoder sharded over the largest group of ranks it splits over evenly (every rank for 2 and 4),
+    rank 0 deciding each token: the same tokens and images as one process, for every case, and every rank gets
+    the tokens; a cancel stops all ranks together and the group goes on."""
     layout = TENSOR_PARALLEL_LAYOUTS[name]
     group = WorkerGroup(layout, "cpu", torch.float32)
     try:
-        group.load("g", "glm_image", path=tiny_glm_image, ar_tensor_parallel=True)
+        group.load("g", "glm_image", path=tiny_glm_image, ar="tensor_parallel")
         for case_name, case in CASES.items():
             if layout.cfg > 1 and case["guidance"] <= 1:
                 continue

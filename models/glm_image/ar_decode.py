@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 CACHE_BUCKET = 1024  # static cache lengths are multiples of this: few distinct shapes, hence few compilations
 PROBATION_STEPS = 3  # compiled steps that must have run (trace, CUDA-graph warm-up, capture, replay) before a failure
 #                      of the compiled step counts as an error rather than as a reason to decode eagerly
-TP_GROUP = "world"  # the group plan.apply_ar_tensor_parallel shards over
+TP_GROUP = "ar"  # the group plan.apply_ar_tensor_parallel shards over (stages.load makes it: ranks 0..n-1)
 _ATTR = "_parallel_diffusion_fast_ar"  # where decoder_for() keeps a model's decoder: compiled once per worker
 
 
@@ -63,7 +63,7 @@ def enabled(model, comm=None) -> bool:
 
 def generate(model, inputs, comm=None, **kwargs) -> torch.LongTensor:
     """`model.generate(**inputs, **kwargs)`: through the model's FastDecoder where enabled(), else plain. `comm`:
-    the model is tensor-parallel over its world group (plan.apply_ar_tensor_parallel)."""
+    the model is tensor-parallel over its TP_GROUP (plan.apply_ar_tensor_parallel)."""
     if not enabled(model, comm):
         return model.generate(**inputs, **kwargs)
     return decoder_for(model, comm).generate(inputs, **kwargs)

@@ -69,9 +69,22 @@ def _condition_cache_keys(module, args, kwargs):
     return None
 
 
+def ar_split_sizes(text_config) -> list[int]:
+    """The group sizes GLM-Image's AR decoder shards over evenly, ascending: those dividing its query heads and FFN
+    width whose KV heads split or replicate evenly (the published model: 1, 2, 4, 8, 16, 32)."""
+    heads, kv_heads, ffn = text_config.num_attention_heads, text_config.num_key_value_heads, \
+        text_config.intermediate_size
+    return [n for n in range(1, heads + 1) if not (heads % n or (kv_heads % n and n % kv_heads) or ffn % n)]
+
+
+def largest_ar_split(text_config, world_size: int) -> int:
+    """The largest group of at most `world_size` ranks the AR decoder shards over (1: none)."""
+    return max(n for n in ar_split_sizes(text_config) if n <= world_size)
+
+
 def apply_ar_tensor_parallel(model, comm: Comm) -> None:
-    """Shard a loaded GlmImageForConditionalGeneration's text decoder over the AR's group (ar_decode.TP_GROUP, which
-    the decoder broadcasts rank 0's tokens over): in every layer, rank r keeps
+    """Shard a loaded GlmImageForConditionalGeneration's text decoder over the AR's group (ar_decode.TP_GROUP, ranks
+    0..n-1 for an n of ar_split_sizes; the decoder broadcasts rank 0's tokens over it): in every layer, rank r keeps
     query heads [r*H/N, (r+1)*H/N) and the KV heads they read (replicated where N > KV heads), the matching o_proj
     inputs, and 1/N of the MLP (gate and up rows alike, down_proj's inputs); o_proj and down_proj sum over the
     group (through symmetric memory where the GPUs allow it: 4.6 -> 3.9 ms/token on 4 H200s). lm_head is split by
@@ -83,9 +96,9 @@ def apply_ar_tensor_parallel(model, comm: Comm) -> None:
     text = model.config.text_config
     heads, kv_heads, head_dim, ffn = (text.num_attention_heads, text.num_key_value_heads, text.head_dim,
                                       text.intermediate_size)
-    if heads % n or (kv_heads % n and n % kv_heads) or ffn % n:
+    if n not in ar_split_sizes(text):
         raise ValueError(f"GLM-Image's AR decoder ({heads} heads, {kv_heads} KV heads, FFN {ffn}) cannot be split "
-                         f"over {n} GPUs: use a GPU count that divides the heads and the FFN width")
+                         f"over {n} ranks; largest_ar_split gives the group to use")
     query = range(rank * heads // n, (rank + 1) * heads // n)
     per_kv = heads // kv_heads
     kv = sorted({h // per_kv for h in query})

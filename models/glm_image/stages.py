@@ -3,9 +3,10 @@
 Each function mirrors one part of diffusers' GlmImagePipeline.__call__ so the single-process run equals it (the
 reference tests hold it to that), and declares how it runs across ranks:
 
-- glm_image.ar       TENSOR_PARALLEL, or                every rank holds 1/N of the ~10 B AR decoder (on CUDA with
-                    MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  several GPUs) and samples in step, rank 0 deciding each token;
-                                                        else rank 0 alone holds it and broadcasts the prior tokens.
+- glm_image.ar       TENSOR_PARALLEL, or                ranks 0..n-1 each hold 1/n of the ~10 B AR decoder (by
+                    MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  default on several CUDA GPUs; n the largest GPU count it
+                                                        splits over) and sample in step, rank 0 deciding each token;
+                                                        else rank 0 alone holds it. Every rank gets the tokens.
 - glm_image.prepare  REPLICATED                         glyph embeddings, seeded noise, size
                                                         conditioning and the condition-image latents: cheap and
                                                         deterministic, so every rank computes the same.
@@ -23,6 +24,7 @@ Batches: any number of prompts for text-to-image; editing (condition images) tak
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +37,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
 from diffusers.pipelines.glm_image.pipeline_glm_image import calculate_shift, retrieve_timesteps
-from transformers import (GlmImageForConditionalGeneration, GlmImageImageProcessorPil, GlmImageProcessor,
-                          StoppingCriteria, StoppingCriteriaList)
+from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, GlmImageImageProcessorPil,
+                          GlmImageProcessor, StoppingCriteria, StoppingCriteriaList)
 
 from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
@@ -44,13 +46,18 @@ from .. import loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from . import ar_decode, latent_format
-from .plan import apply_ar_tensor_parallel, apply_sequence_parallel
+from .plan import apply_ar_tensor_parallel, apply_sequence_parallel, largest_ar_split
+
+log = logging.getLogger(__name__)
 
 PIPELINE = "GlmImagePipeline"
 SIZE_MULTIPLE = 32  # the AR grid is H/32 x W/32
 MAX_SEQUENCE_LENGTH = 2048  # diffusers' default for the glyph encoder
 # Strings the AR processor gives a meaning of its own: in a user prompt they would corrupt the token grid.
 RESERVED = ("<|image|>", "<sop>", "<eop>", "<|dit_token_")
+# Where the AR decoder runs. auto: tensor parallel on several CUDA GPUs (it reads 1/n of the weights per token), on
+# rank 0 on the CPU; tensor_parallel: also on the CPU (the tests)
+AR_PLACEMENTS = ("auto", "rank0", "tensor_parallel")
 
 
 @dataclass
@@ -62,7 +69,7 @@ class GlmImage:
     scheduler_config: dict
     vision_language_encoder: Any = None  # GlmImageForConditionalGeneration: rank 0, or every rank's shard
     processor: Any = None  # GlmImageProcessor, where the AR runs
-    ar_tensor_parallel: bool = False
+    ar_tensor_parallel: bool = False  # the AR is sharded over ar_decode.TP_GROUP
     sp_hooks: list = field(default_factory=list)
     # The denoising loop's DiT call, per guidance branch (False: conditional, True: prior tokens dropped); on CUDA
     # each is replayed as its own CUDA graph (the branches' glyph lengths differ, and a GraphedCall keeps one graph)
@@ -77,11 +84,12 @@ class GlmImage:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load(ctx: StageContext, path: str, ar_tensor_parallel: bool | None = None) -> GlmImage:
-    """Every rank loads the DiT, the glyph encoder and the VAE. The AR model and processor: on every rank, its
-    decoder sharded, when `ar_tensor_parallel` (default: several CUDA ranks, where it pays); else on rank 0 alone.
+def load(ctx: StageContext, path: str, ar: str = "auto") -> GlmImage:
+    """Every rank loads the DiT, the glyph encoder and the VAE. The AR model and processor, as ar_placement
+    decides for `ar` (one of AR_PLACEMENTS): on ranks 0..n-1, its decoder sharded over them, or on rank 0 alone.
     On CUDA the AR decode step is compiled here (attach_ar), not in the first prompt."""
     loading.inspect_model_folder(path, PIPELINE)
+    ar_ranks, placement = ar_placement(ar, ctx.device.type, ctx.comm.world_size, ar_text_config(path))
     dev, dtype = ctx.device, ctx.dtype
     scheduler_config = dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler"))
     if scheduler_config.get("stochastic_sampling"):
@@ -96,8 +104,12 @@ def load(ctx: StageContext, path: str, ar_tensor_parallel: bool | None = None) -
         scheduler_config=scheduler_config,
         sp_hooks=sp_hooks,
     )
-    model.ar_tensor_parallel = wants_ar_tensor_parallel(ctx, ar_tensor_parallel)
-    if ctx.is_main or model.ar_tensor_parallel:
+    model.ar_tensor_parallel = ar_ranks > 1
+    if ctx.is_main:
+        log.info(placement)
+    # every rank makes the group (a collective); the ranks outside it hold no AR
+    in_ar = ctx.comm.make_group(ar_decode.TP_GROUP, range(ar_ranks)) if model.ar_tensor_parallel else ctx.is_main
+    if in_ar:
         # Classes named explicitly: diffusers' save_pretrained records these two under the library "glm_image" (its
         # pipeline folder's name, which shadows transformers' model folder), which loading.py does not resolve.
         attach_ar(ctx, model,
@@ -130,11 +142,33 @@ def setup_transformer(ctx: StageContext, transformer) -> list:
     return hooks
 
 
-def wants_ar_tensor_parallel(ctx: StageContext, requested: bool | None) -> bool:
-    """Tensor-parallel AR when asked, by default on several CUDA ranks (where it pays); never on one rank."""
-    if requested is None:
-        requested = ctx.device.type == "cuda"
-    return requested and ctx.comm.world_size > 1
+def ar_text_config(path: str):
+    """The AR decoder's config (heads, KV heads, FFN width: what a tensor-parallel split needs), from the folder."""
+    return GlmImageConfig.from_pretrained(Path(path) / "vision_language_encoder", local_files_only=True).text_config
+
+
+def ar_placement(ar: str, device_type: str, world_size: int, text_config) -> tuple[int, str]:
+    """(n, what it means for the user): the AR decoder sharded over ranks 0..n-1, or on rank 0 alone for n = 1.
+    Tensor parallel takes the largest group of the ranks that splits the decoder evenly; the others wait for its
+    tokens (the published model splits over 1, 2, 4, 8, 16 or 32 GPUs, so e.g. 4 of 6)."""
+    if ar not in AR_PLACEMENTS:
+        raise ValueError(f"GLM-Image's AR placement must be one of {', '.join(AR_PLACEMENTS)}, got {ar!r}")
+    unit = "GPUs" if device_type == "cuda" else "ranks"
+    if world_size == 1:
+        return 1, "GLM-Image AR: on the one rank"
+    if ar == "rank0" or (ar == "auto" and device_type != "cuda"):
+        return 1, f"GLM-Image AR: on rank 0 alone (ar={ar}), which sends its tokens to the other {world_size - 1}"
+    n = largest_ar_split(text_config, world_size)
+    if n == 1:
+        return 1, (f"GLM-Image AR: on rank 0 alone: its decoder splits over no group of 2 to {world_size} {unit} "
+                   f"evenly")
+    if n == world_size:
+        return n, f"GLM-Image AR: tensor parallel over all {n} {unit}"
+    idle = f"{unit[:-1]} {n} waits" if n == world_size - 1 else f"{unit} {n}-{world_size - 1} wait"
+    return n, (f"GLM-Image AR: tensor parallel over {unit} 0-{n - 1}, {n} of {world_size}: its decoder "
+               f"({text_config.num_attention_heads} heads, {text_config.num_key_value_heads} KV heads, FFN "
+               f"{text_config.intermediate_size}) splits evenly over at most {n}; {idle} for its tokens "
+               f"(ar=rank0 runs it on rank 0 alone)")
 
 
 def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, processor) -> None:
@@ -168,7 +202,10 @@ def ar(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: i
     """Sample the prior tokens as diffusers' generate_prior_tokens does, with the user's seed.
 
     Returns {"prior_token_ids": (B, (H/16)(W/16)) long, "condition_prior_token_ids": one (h_i/16 * w_i/16,) long
-    per condition image (editing) or None, "sampled_on_rank": 0}."""
+    per condition image (editing) or None, "sampled_on_rank": 0}. A rank left out of the tensor-parallel AR
+    returns None at once (the executor hands it rank 0's result)."""
+    if model.vision_language_encoder is None:
+        return None
     check_size(height, width)
     prompts = _prompts(prompt)
     images = as_pil_images(images)
@@ -240,8 +277,8 @@ CANCEL_CHECK_TOKENS = 32  # tensor-parallel AR: how often the ranks agree on a c
 class _TokenProgress(StoppingCriteria):
     """Called by generate() after every sampled token: rank-0 progress, and the cancel check (raising Cancelled
     leaves generate()). One rank: checked every token, the executor tells the others. Every rank in step
-    (`in_step`, tensor-parallel): all ranks take rank 0's decision together after the first token and every
-    CANCEL_CHECK_TOKENS tokens after it, so none is left waiting in a collective. Never stops generation itself,
+    (`in_step`, tensor-parallel): all ranks of the AR's group take rank 0's decision together after the first
+    token and every CANCEL_CHECK_TOKENS tokens after it, so none is left waiting in a collective. Never stops generation itself,
     and draws no random numbers, so the sampled tokens are those of a plain generate()."""
 
     def __init__(self, ctx: StageContext, input_len: int, total: int, in_step: bool = False):
@@ -251,7 +288,7 @@ class _TokenProgress(StoppingCriteria):
         done = input_ids.shape[-1] - self.input_len
         if self.in_step:
             if done % CANCEL_CHECK_TOKENS == 1:  # the first token, then every CANCEL_CHECK_TOKENS
-                self.ctx.step(done, self.total, "tokens")
+                self.ctx.step(done, self.total, "tokens", ar_decode.TP_GROUP)
             elif self.ctx.is_main:
                 self.ctx.report("tokens", done, self.total)
         else:
