@@ -1,5 +1,6 @@
 """The model families, by diffusers pipeline class. Each family module offers the same small surface: LOADER,
-DEFAULT_STEPS, DEFAULT_GUIDANCE, build_tiny(folder) and generate(runner, model_key, ...)."""
+DEFAULT_STEPS, DEFAULT_GUIDANCE, build_tiny(folder), check_inputs(prompts=, height=, width=, steps=, guidance=,
+seed=) and generate(runner, model_key, ...)."""
 from __future__ import annotations
 
 from types import ModuleType

@@ -257,14 +257,39 @@ def test_input_errors():
         glm.generate(runner, "g", prompt="x", height=64, width=16, steps=1, guidance=1.5, seed=0)
     with pytest.raises(ValueError, match="reserves"):
         glm.generate(runner, "g", prompt="a <|image|> here", height=64, width=64, steps=1, guidance=1.5, seed=0)
-    with pytest.raises(ValueError, match="non-empty"):
-        glm.generate(runner, "g", prompt="  ", height=64, width=64, steps=1, guidance=1.5, seed=0)
+    with pytest.raises(ValueError, match="must be a string"):
+        glm.generate(runner, "g", prompt=[None], height=64, width=64, steps=1, guidance=1.5, seed=0)
+    with pytest.raises(ValueError, match="no prompt given"):
+        glm.generate(runner, "g", prompt=[], height=64, width=64, steps=1, guidance=1.5, seed=0)
+    for bad, message in (
+            (dict(height=4128), "height must be at most 4096, got 4128; use 4096 or less"),
+            (dict(steps=0), "steps must be 1 or more, got 0; GLM-Image takes 50"),
+            (dict(steps=-3), "steps must be 1 or more, got -3"),
+            (dict(seed=2 ** 64), "seed must be from 0 to 18446744073709551615"),
+            (dict(guidance=float("inf")), "guidance must be a finite number")):
+        kwargs = {**dict(prompt="x", height=64, width=64, steps=1, guidance=1.5, seed=0), **bad}
+        with pytest.raises(ValueError, match=message):
+            glm.generate(runner, "g", **kwargs)
+        kwargs["prompts"] = [kwargs.pop("prompt")]
+        with pytest.raises(ValueError, match=message):
+            stages.check_inputs(**kwargs)
+    # the nodes' queue-time check: linked inputs (None) pass, an empty prompt (the node's default) is a prompt
+    stages.check_inputs(prompts=None, height=None, width=64)
+    stages.check_inputs(prompts=[""], height=4096, width=32, steps=1, guidance=0.0, seed=2 ** 64 - 1)
+    with pytest.raises(ValueError, match="reserves"):
+        stages.check_inputs(prompts=["<sop>"])
     with pytest.raises(ValueError, match="editing takes one prompt"):
         glm.generate(runner, "g", prompt=["a", "b"], images=[_image(64, 64, 0)], height=64, width=64, steps=1,
                      guidance=1.5, seed=0)
     with pytest.raises(LayoutError, match="cfg degree 2 needs classifier-free guidance"):
         glm.generate(RunnerThatMustNotRun(Layout.for_world(2, cfg=2)), "g", prompt="x", height=64, width=64,
                      steps=1, guidance=1.0, seed=0)
+
+
+def test_an_empty_prompt_generates(local):
+    """As diffusers takes it (the node's default prompt is empty): the AR samples from the bare chat template."""
+    images, latents = glm.generate(local, "g", prompt="", height=64, width=64, steps=1, guidance=1.5, seed=0)
+    assert latents.shape == (1, 16, 8, 8) and torch.isfinite(latents).all() and images.shape == (1, 64, 64, 3)
 
 
 def test_condition_image_off_the_token_grid_is_refused_clearly(local):

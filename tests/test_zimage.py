@@ -112,6 +112,47 @@ def test_layout_errors(single):
         Layout.for_world(4).check_devices("cuda", 0)
 
 
+BAD_VALUES = [  # (a value of a request, what the refusal says would work)
+    (dict(steps=-1), "steps must be 1 or more, got -1; Z-Image-Turbo takes 8"),
+    (dict(steps=0), "steps must be 1 or more, got 0"),
+    (dict(steps=2.5), "steps must be an integer"),
+    (dict(seed=2 ** 64), r"seed must be from 0 to 18446744073709551615, got 18446744073709551616; any integer"),
+    (dict(seed=-1), "seed must be from 0 to"),
+    (dict(height=8192), "height must be at most 4096, got 8192; use 4096 or less"),
+    (dict(width=4112), "width must be at most 4096"),
+    (dict(width=8), "width must be a multiple of 16, got 8; use 16"),
+    (dict(height=64.0), "height must be an integer"),
+    (dict(guidance=float("nan")), "guidance must be a finite number"),
+    (dict(guidance=-1.0), "guidance must be 0.0 or more"),
+    (dict(prompt=[]), "one or more prompts"),
+    (dict(prompt=[None]), "prompts as strings"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_VALUES)
+def test_bad_values_are_refused_before_the_workers(bad, message):
+    """Each bad value is refused by generate() before anything is sent (negative steps or a seed of 2**64 failed
+    in a stage every rank runs, restarting the group), and by check_inputs, which the CLI and the nodes call."""
+    kwargs = {**dict(prompt="x", height=64, width=64, steps=1, guidance=0.0, seed=0), **bad}
+    with pytest.raises(ValueError, match=message):
+        zimage.generate(LocalRunnerWithLayout(Layout.for_world(2)), "z", **kwargs)
+    prompt = kwargs.pop("prompt")
+    with pytest.raises(ValueError, match=message):
+        stages.check_inputs(prompts=[prompt] if isinstance(prompt, str) else prompt, **kwargs)
+
+
+def test_check_inputs_takes_unknown_values_as_fine():
+    """A node input linked to another node's output is None at queue time: not checked there (at run time it is)."""
+    stages.check_inputs()
+    stages.check_inputs(height=None, width=64, strength=0.5, has_init_latents=None)
+    stages.check_inputs(prompts=[""], height=4096, width=16, steps=1, guidance=0.0, seed=2 ** 64 - 1, strength=1.0,
+                        has_init_latents=False)
+    with pytest.raises(ValueError, match="denoise 0.5 needs an input latent"):
+        stages.check_inputs(strength=0.5, has_init_latents=False)
+    with pytest.raises(ValueError, match="denoise must be above 0 and at most 1, got 0.0"):
+        stages.check_inputs(strength=0.0)
+
+
 class LocalRunnerWithLayout:
     """Input checks happen on the host before anything is sent: a runner that must never be reached."""
 

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from ...parallel import Layout
-from .stages import as_pil_images, check_prompts, check_size
+from .stages import as_pil_images, check_inputs
 from .tiny import build_tiny_glm_image as build_tiny  # noqa: F401  the family surface (see models/pipelines.py)
 
 LOADER = "glm_image"
@@ -25,8 +25,8 @@ def generate(runner, model_key: str, *, prompt: str | list[str], height: int, wi
 
     on_progress sees ("tokens", n, total) while the AR samples, then ("step", i, steps) while the DiT denoises.
     `negative_prompt` only matters through its quoted glyph texts (diffusers always uses "")."""
-    prompts, images = check_inputs(runner.layout, prompt=prompt, height=height, width=width, steps=steps,
-                                   guidance=guidance, seed=seed, images=images, negative_prompt=negative_prompt)
+    prompts, images = check_request(runner.layout, prompt=prompt, height=height, width=width, steps=steps,
+                                    guidance=guidance, seed=seed, images=images, negative_prompt=negative_prompt)
     progress = {"on_progress": on_progress, "should_cancel": should_cancel}
 
     prior = runner.run("glm_image.ar", model_key,
@@ -44,19 +44,14 @@ def generate(runner, model_key: str, *, prompt: str | list[str], height: int, wi
     return decoded, latents
 
 
-def check_inputs(layout: Layout, *, prompt: str | list[str], height: int, width: int, steps: int,
-                 guidance: float, seed: int, images: Any = None,
-                 negative_prompt: str | list[str] | None = None) -> tuple[list[str], list | None]:
+def check_request(layout: Layout, *, prompt: str | list[str], height: int, width: int, steps: int,
+                  guidance: float, seed: int, images: Any = None,
+                  negative_prompt: str | list[str] | None = None) -> tuple[list[str], list | None]:
     """Every check that can run on the host, before anything is sent: a bad request must not reach the workers
     (an exception there in a stage that every rank runs costs a restart of the group). Returns the prompts as a
     list and the condition images as PIL images (None for text-to-image)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    check_size(height, width)
-    check_prompts(prompts)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    check_inputs(prompts=prompts, height=height, width=width, steps=steps, guidance=guidance, seed=seed)
     layout.check_branches(2 if guidance > 1 else 1)
     images = as_pil_images(images)
     if images and len(prompts) != 1:

@@ -42,7 +42,7 @@ from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, GlmI
 
 from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from .. import loading
+from .. import checks, loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from . import ar_decode, latent_format
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 PIPELINE = "GlmImagePipeline"
 SIZE_MULTIPLE = 32  # the AR grid is H/32 x W/32
+MAX_SIZE = 4096  # the largest side the nodes offer; the library and the CLI refuse larger too
 MAX_SEQUENCE_LENGTH = 2048  # diffusers' default for the glyph encoder
 # Strings the AR processor gives a meaning of its own: in a user prompt they would corrupt the token grid.
 RESERVED = ("<|image|>", "<sop>", "<eop>", "<|dit_token_")
@@ -512,26 +513,40 @@ def decode(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor,
 
 def check_size(height: int, width: int) -> None:
     for name, value in (("height", height), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"GLM-Image {name} must be an integer, got {value!r}")
-        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            lo = max(SIZE_MULTIPLE, int(value) - int(value) % SIZE_MULTIPLE)
-            hi = lo + SIZE_MULTIPLE if int(value) > lo else lo
-            nearest = f"{lo}" if lo == hi else f"{lo} or {hi}"
-            raise ValueError(f"GLM-Image {name} must be a multiple of {SIZE_MULTIPLE} (the AR token grid is "
-                             f"{name}/32), got {value}; use {nearest}")
+        checks.side("GLM-Image", name, value, SIZE_MULTIPLE, MAX_SIZE, f" (the AR token grid is {name}/32)")
+
+
+def check_inputs(*, prompts: list[str] | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int | None = None) -> None:
+    """The values of a GLM-Image request, each checked alone, where the request enters (the library's generate,
+    the CLI, the nodes, at queue time through VALIDATE_INPUTS): a refusal inside the workers would restart the
+    group. None: not known there (a node input linked to another node's output)."""
+    if prompts is not None:
+        check_prompts(prompts)
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            checks.side("GLM-Image", name, value, SIZE_MULTIPLE, MAX_SIZE, f" (the AR token grid is {name}/32)")
+    if steps is not None:
+        checks.integer("GLM-Image steps", steps, 1, hint="GLM-Image takes 50")
+    if guidance is not None:
+        checks.number("GLM-Image guidance", guidance, 0.0, "1 or less turns it off, GLM-Image takes 1.5")
+    if seed is not None:
+        checks.seed(seed)
 
 
 def check_prompts(prompts: list[str], processor=None) -> None:
-    """Refuse prompts the AR processor would misread (its image, grid and DiT token markers)."""
+    """Refuse prompts the AR processor would misread (its image, grid and DiT token markers). An empty prompt is
+    a prompt (diffusers takes it too: an image from the glyph-free, text-free AR)."""
     reserved = list(RESERVED)
     if processor is not None:
         tok = processor.tokenizer
         reserved += [t for t in (processor.image_token, processor.grid_bos_token, processor.grid_eos_token,
                                  tok.bos_token, tok.eos_token) if t]
+    if not prompts:
+        raise ValueError("no prompt given; GLM-Image takes one or more prompts (an empty one too)")
     for p in prompts:
-        if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"a GLM-Image prompt must be a non-empty string, got {p!r}")
+        if not isinstance(p, str):
+            raise ValueError(f"a GLM-Image prompt must be a string, got {p!r}")
         found = [r for r in reserved if r in p]
         if found:
             raise ValueError(f"the GLM-Image prompt {p!r} contains {found[0]!r}, which the AR processor reserves "

@@ -6,7 +6,7 @@ from typing import Callable
 
 import torch
 
-from .stages import check_size, check_strength, latent_image_size
+from .stages import check_inputs, latent_image_size
 from .tiny import build_tiny_zimage as build_tiny  # noqa: F401  the family surface (see models/pipelines.py)
 
 LOADER = "zimage"
@@ -24,8 +24,8 @@ def generate(runner, model_key: str, *, prompt: str | list[str], negative_prompt
     space and a strength, as diffusers' ZImageImg2ImgPipeline with those latents as its image."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negative_prompts = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
-    check_size(height, width)
-    check_strength(strength, init_latents is not None)
+    check_inputs(prompts=prompts, height=height, width=width, steps=steps, guidance=guidance, seed=seed,
+                 strength=strength, has_init_latents=init_latents is not None)
     if init_latents is not None:
         batch, init_height, init_width = latent_image_size(init_latents)
         if (init_height, init_width) != (height, width) or len(prompts) % batch:

@@ -16,7 +16,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from .. import loading
+from .. import checks, loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from .attention import use_real_rotary
@@ -26,6 +26,7 @@ from .plan import apply_sequence_parallel
 PIPELINE = "ZImagePipeline"
 VAE_SCALE = 8  # latent pixels per image pixel; the DiT patch (2) makes the size granule 16
 SIZE_MULTIPLE = 16
+MAX_SIZE = 4096  # the largest side the nodes offer; the library and the CLI refuse larger too
 MAX_SEQUENCE_LENGTH = 512
 # What diffusers' ZImagePipeline renders with Qwen3's chat template (one user message, enable_thinking=True) and
 # ComfyUI's Z-Image tokenizer writes out; spelled out because ComfyUI's Qwen tokenizer files carry Qwen2.5's
@@ -164,6 +165,7 @@ def start_step(steps: int, strength: float) -> int:
 
 
 def check_strength(strength: float, has_init_latents: bool) -> None:
+    checks.number("Z-Image denoise", strength, 0.0, "1 generates from noise alone")
     if not 0 < strength <= 1:
         raise ValueError(f"Z-Image denoise must be above 0 and at most 1, got {strength}; 1 generates from noise "
                          f"alone (an input latent gives only the size), lower keeps more of the input latent")
@@ -207,10 +209,29 @@ def decode(ctx: StageContext, model: ZImage, *, latents: torch.Tensor) -> torch.
 
 def check_size(height: int, width: int) -> None:
     for name, value in (("height", height), ("width", width)):
-        if value < SIZE_MULTIPLE or value % SIZE_MULTIPLE:
-            lo = max(SIZE_MULTIPLE, value - value % SIZE_MULTIPLE)
-            raise ValueError(f"Z-Image {name} must be a multiple of {SIZE_MULTIPLE}, got {value}; "
-                             f"use {lo} or {lo + SIZE_MULTIPLE}")
+        checks.side("Z-Image", name, value, SIZE_MULTIPLE, MAX_SIZE)
+
+
+def check_inputs(*, prompts: list[str] | None = None, height: int | None = None, width: int | None = None,
+                 steps: int | None = None, guidance: float | None = None, seed: int | None = None,
+                 strength: float | None = None, has_init_latents: bool | None = None) -> None:
+    """The values of a Z-Image request, each checked alone, where the request enters (the library's generate, the
+    CLI, the nodes, at queue time through VALIDATE_INPUTS): a refusal inside the workers would restart the group.
+    None: not known there (a node input linked to another node's output)."""
+    if prompts is not None:
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"Z-Image takes one or more prompts as strings, got {prompts!r}")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None:
+            checks.side("Z-Image", name, value, SIZE_MULTIPLE, MAX_SIZE)
+    if steps is not None:
+        checks.integer("Z-Image steps", steps, 1, hint="Z-Image-Turbo takes 8, base Z-Image about 30-50")
+    if guidance is not None:
+        checks.number("Z-Image guidance", guidance, 0.0, "0 turns it off (Z-Image-Turbo), base Z-Image takes ~4")
+    if seed is not None:
+        checks.seed(seed)
+    if strength is not None:
+        check_strength(strength, has_init_latents is not False)
 
 
 LOADER = Loader("zimage", load)
