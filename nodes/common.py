@@ -77,6 +77,17 @@ class DecodeBase:
         return (runtime.run_stage(model, self.STAGE, {"latents": latent["samples"]}),)
 
 
+def validation(check, **values) -> bool | str:
+    """What a node's VALIDATE_INPUTS returns for a model's check_inputs: True, or its refusal, which ComfyUI shows
+    when the prompt is queued (and never runs it). ComfyUI then skips its own min/max for the inputs
+    VALIDATE_INPUTS names, so the check covers their whole range; a linked input's value is None (unknown)."""
+    try:
+        check(**values)
+    except ValueError as exc:
+        return str(exc)
+    return True
+
+
 def seed_input(tooltip: str) -> tuple:
     return ("INT", {"default": 0, "min": 0, "max": runtime.MAX_SEED, "control_after_generate": True,
                     "tooltip": tooltip})

@@ -6,18 +6,25 @@ the slow autoregressive sampling nor the before-denoising stage.
 """
 from __future__ import annotations
 
+import logging
+
 from ..models.glm_image import latent_format
 from ..models.glm_image import pipeline as glm_image
-from ..models.glm_image.stages import PIPELINE, SIZE_MULTIPLE, as_pil_images, check_prompts, check_size
+from ..models.glm_image.stages import (AR_PLACEMENTS, MAX_SIZE, PIPELINE, SIZE_MULTIPLE, ar_placement,
+                                       ar_text_config, as_pil_images, check_inputs)
+from ..models.loading import inspect_model_folder
 from . import runtime
-from .common import DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, loader_inputs, seed_input
+from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, loader_inputs, seed_input,
+                     validation)
+from .model_folders import model_folder_path
+
+log = logging.getLogger(__name__)
 
 CATEGORY = "parallel_diffusion/GLM-Image"
 MODEL = "PD_GLM_IMAGE"
 PRIOR = "PD_GLM_IMAGE_PRIOR"
 PREPARED = "PD_GLM_IMAGE_PREPARED"
 MODEL_INPUT = (MODEL, {"tooltip": "The GLM-Image model from 'GLM-Image Loader (parallel)'."})
-MAX_SIZE = 4096
 IMAGE_INPUTS = ("image_1", "image_2", "image_3")
 
 
@@ -30,14 +37,34 @@ class GlmImageLoader(LoaderBase):
     OUTPUT_TOOLTIPS = (LOADER_OUTPUT_TOOLTIP,)
     DESCRIPTION = ("Loads a GLM-Image model folder (diffusers layout) on a group of worker processes, one per GPU, "
                    "that stay alive between prompts. With several CUDA GPUs each holds a slice of the "
-                   "autoregressive model (tensor parallel), else the first GPU holds it; its decode step is "
-                   "compiled here (about half a minute, once per group). The group "
+                   "autoregressive model (tensor parallel; with a GPU count it does not split over, e.g. 3 or 6, "
+                   "the largest group that it does, e.g. 2 or 4), else the first GPU holds it (see 'ar'); the "
+                   "server log and the node's output say which. Its decode step is compiled here (about half a "
+                   "minute, once per group). The group "
                    "is shared by every loader with the same GPUs, cfg_parallel and device settings; ComfyUI's "
                    "'Unload models' / 'Free memory' stops it.")
 
     @classmethod
     def INPUT_TYPES(cls):
-        return loader_inputs(PIPELINE, "GLM-Image")
+        inputs = loader_inputs(PIPELINE, "GLM-Image")
+        # optional: workflows saved before it existed still load, with the default
+        inputs["optional"] = {"ar": (list(AR_PLACEMENTS), {
+            "default": "auto",
+            "tooltip": "Where the autoregressive model runs. auto: tensor parallel on several CUDA GPUs (each "
+                       "holds a slice and reads it per token: faster), over the largest GPU count its 32 heads "
+                       "and FFN split over evenly (1, 2, 4, 8, ...; the other GPUs wait); the first GPU on the "
+                       "CPU. rank0: the first GPU alone holds all of it (about 20 GB more there, less on the "
+                       "others). tensor_parallel: as auto, on the CPU too."})}
+        return inputs
+
+    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, ar: str = "auto"):
+        with runtime.user_errors():
+            path = model_folder_path(model)
+        handle = runtime.load_model(self.RUNTIME_LOADER, {"path": path, "ar": ar}, gpus, cfg_parallel, device,
+                                    lambda: inspect_model_folder(path, self.PIPELINE))
+        placement = ar_placement(ar, handle.device, handle.layout.world_size, ar_text_config(path))[1]
+        log.info("parallel_diffusion: %s", placement)
+        return {"ui": {"text": [placement]}, "result": (handle,)}
 
 
 class GlmImageAR:
@@ -64,7 +91,8 @@ class GlmImageAR:
                 "model": MODEL_INPUT,
                 "prompt": ("STRING", {"multiline": True, "dynamicPrompts": True, "default": "",
                                       "tooltip": "What the image shows (or, for editing, what to change). Text in "
-                                                 "quotes is rendered as glyphs."}),
+                                                 "quotes is rendered as glyphs. Empty: an image of nothing in "
+                                                 "particular, as diffusers makes it."}),
                 "width": ("INT", {**size, "tooltip": f"Image width in pixels, a multiple of {SIZE_MULTIPLE}."}),
                 "height": ("INT", {**size, "tooltip": f"Image height in pixels, a multiple of {SIZE_MULTIPLE}."}),
                 "seed": seed_input("The seed of the token sampling and of the denoising noise; the same seed gives "
@@ -74,12 +102,16 @@ class GlmImageAR:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, prompt=None, width=None, height=None):
+        # the size's multiple of 32 and reserved markers in the prompt: refused at queue time
+        return validation(check_inputs, prompts=None if prompt is None else [prompt], height=height, width=width)
+
     def sample(self, model: runtime.ModelHandle, prompt: str, width: int, height: int, seed: int, unique_id=None,
                **images):
         condition = [images[name] for name in IMAGE_INPUTS if images.get(name) is not None] or None
         with runtime.user_errors():  # checked here, before anything is sent to the group
-            check_size(height, width)
-            check_prompts([prompt])
+            check_inputs(prompts=[prompt], height=height, width=width, seed=seed)
             as_pil_images(condition)
         request = {"prompt": [prompt], "height": height, "width": width, "seed": seed, "images": condition}
         out = runtime.run_stage(model, "glm_image.ar", request, node_id=unique_id)
@@ -142,7 +174,7 @@ class GlmImageDenoise:
     def denoise(self, model: runtime.ModelHandle, prepared: dict, steps: int, guidance: float, unique_id=None):
         check_same_model(model, prepared, "preparation")
         with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
-            glm_image.check_inputs(model.layout, **prepared["request"], steps=steps, guidance=guidance)
+            glm_image.check_request(model.layout, **prepared["request"], steps=steps, guidance=guidance)
         inputs = {k: v for k, v in prepared.items() if k not in ("model", "request")}
         latents = runtime.run_stage(model, "glm_image.denoise", {**inputs, "steps": steps, "guidance": guidance,
                                                                  "latent_space": latent_format.VAE},

@@ -4,17 +4,17 @@ from __future__ import annotations
 from ..models.zimage import comfyui_files
 from ..models.zimage import pipeline as zimage
 from ..models.zimage import latent_format
-from ..models.zimage.stages import (PIPELINE, SIZE_MULTIPLE, check_latent_shape, check_size, check_strength,
+from ..models.zimage.stages import (MAX_SIZE, PIPELINE, SIZE_MULTIPLE, check_inputs, check_latent_shape,
                                     latent_image_size)
 from . import model_files, runtime
 from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, layout_inputs, loader_inputs,
-                     seed_input)
+                     seed_input, validation)
 
 CATEGORY = "parallel_diffusion/Z-Image"
 MODEL = "PD_ZIMAGE"
 CONDITIONING = "PD_ZIMAGE_CONDITIONING"
 MODEL_INPUT = (MODEL, {"tooltip": "The Z-Image model from a Z-Image loader (parallel)."})
-MAX_SIZE = 4096
+NOT_CONNECTED = object()  # VALIDATE_INPUTS' default for an optional input left unconnected (a linked one is None)
 
 
 class ZImageLoader(LoaderBase):
@@ -138,20 +138,28 @@ class ZImageDenoise:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, width=None, height=None, denoise=None, latent=NOT_CONNECTED):
+        # the size's multiple of 16 (unless a latent gives the size) and a denoise of 0: refused at queue time
+        connected = latent is not NOT_CONNECTED
+        return validation(check_inputs, height=None if connected else height, width=None if connected else width,
+                          strength=denoise, has_init_latents=connected)
+
     def denoise(self, model: runtime.ModelHandle, conditioning: dict, seed: int, steps: int, guidance: float,
                 width: int, height: int, batch_size: int, latent: dict | None = None, denoise: float = 1.0,
                 unique_id=None):
         check_same_model(model, conditioning, "conditioning")
         init_latents = None
         with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
-            check_strength(denoise, latent is not None)
+            check_inputs(steps=steps, guidance=guidance, seed=seed, strength=denoise,
+                         has_init_latents=latent is not None)
             if latent is not None:
                 if "noise_mask" in latent:
                     raise ValueError("this latent has a noise mask (Set Latent Noise Mask), and Z-Image Denoise "
                                      "(parallel) does not inpaint; connect a latent without one")
                 init_latents = latent_format.init_latents_from_comfy(latent["samples"])
                 batch_size, height, width = latent_image_size(init_latents)
-            check_size(height, width)
+            check_inputs(height=height, width=width)
             model.layout.check_branches(2 if guidance > 0 else 1)
         latents = runtime.run_stage(model, "zimage.prepare",
                                     {"batch": batch_size, "height": height, "width": width, "seed": seed,
