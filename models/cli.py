@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from ..parallel import Layout
 from ..parallel.pool import get_runner, release
-from . import pipelines
+from . import checks, pipelines
+from .glm_image import stages as glm_image_stages
 from .zimage import comfyui_files as zimage_files
 
 DEMO_CACHE = Path.home() / ".cache" / "comfyui-parallel-diffusion" / "tiny"
@@ -49,12 +50,18 @@ def _parser() -> argparse.ArgumentParser:
                           "tokenizer/ or ComfyUI's comfy/text_encoders/qwen25_tokenizer")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative-prompt", default=None)
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--steps", type=int, default=None, help="default: the model's own (Z-Image-Turbo 8, GLM 50)")
-    gen.add_argument("--guidance", type=float, default=None, help="default: the model's own")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--height", type=_integer(16), default=1024,
+                     help="a multiple of 16 (Z-Image) or 32 (GLM-Image), at most 4096")
+    gen.add_argument("--width", type=_integer(16), default=1024, help="as --height")
+    gen.add_argument("--steps", type=_integer(1), default=None,
+                     help="default: the model's own (Z-Image-Turbo 8, GLM 50)")
+    gen.add_argument("--guidance", type=_guidance, default=None, help="default: the model's own")
+    gen.add_argument("--seed", type=_integer(0, checks.MAX_SEED), default=0)
     _add_layout_args(gen)
+    gen.add_argument("--ar", choices=glm_image_stages.AR_PLACEMENTS, default=None,
+                     help="GLM-Image only: where its AR model runs. auto (default): tensor parallel over the "
+                          "largest GPU count it splits over evenly (1, 2, 4, 8...) on several CUDA GPUs, else rank "
+                          "0; rank0: rank 0 alone; tensor_parallel: as auto, on the CPU too")
     gen.add_argument("--out", type=Path, default=Path("image.png"))
     gen.add_argument("--latents-out", type=Path, default=None,
                      help="also save the final latents (key 'latents'), as diffusers' output_type='latent'")
@@ -68,8 +75,30 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _integer(lo: int, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi], refused with the range otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            allowed = f"from {lo} to {hi}" if hi is not None else f"{lo} or more"
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {value}")
+        return value
+    return parse
+
+
+def _guidance(text: str) -> float:
+    try:
+        checks.number("guidance", float(text), 0.0)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return float(text)
+
+
 def _add_layout_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--world-size", type=int, default=1, help="ranks (one per GPU with --device cuda)")
+    parser.add_argument("--world-size", type=_integer(1), default=1, help="ranks (one per GPU with --device cuda)")
     parser.add_argument("--cfg-parallel", action="store_true", help="guidance branches on two rank groups")
     parser.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the rest of the world)")
     parser.add_argument("--ring", type=int, default=1, help="ring degree")
@@ -85,14 +114,22 @@ def _runner(args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     family, loader, source = _source(args)
+    values = {"height": args.height, "width": args.width,
+              "steps": family.DEFAULT_STEPS if args.steps is None else args.steps,
+              "guidance": family.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, "seed": args.seed}
+    family.check_inputs(prompts=[args.prompt], **values)  # before minutes of loading
+    if args.ar is not None and family is not pipelines.glm_image:
+        raise ValueError("--ar applies to GLM-Image only (Z-Image has no AR model)")
+    if family is pipelines.glm_image:
+        source["ar"] = args.ar or "auto"
+        placement = glm_image_stages.ar_placement(source["ar"], args.device, args.world_size,
+                                                  glm_image_stages.ar_text_config(source["path"]))[1]
+        print(placement, file=sys.stderr)
     runner = _runner(args)
     started = time.perf_counter()
     runner.load("model", loader, **source)
-    images, latents = family.generate(
-        runner, "model", prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-        width=args.width, steps=args.steps or family.DEFAULT_STEPS,
-        guidance=family.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, seed=args.seed,
-        on_progress=_print_progress)
+    images, latents = family.generate(runner, "model", prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                      **values, on_progress=_print_progress)
     print(file=sys.stderr)
     save_png(images[0], args.out)
     if args.latents_out:
