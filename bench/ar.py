@@ -468,17 +468,22 @@ def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict:
             "equal_positions": round(float(same.float().mean()), 4)}
 
 
+def full_config(tokenizer, layers: int | None = None) -> GlmImageConfig:
+    """The full-size AR's config (FULL_TEXT's decoder, the small stand-in vision tower) for the tiny tokenizer."""
+    text = dict(FULL_TEXT, pad_token_id=tokenizer.pad_token_id, eos_token_id=FULL_TEXT["vision_vocab_size"])
+    if layers:
+        text["num_hidden_layers"] = layers
+    return GlmImageConfig(
+        text_config=text,
+        vision_config=SMALL_VISION, vq_config=SMALL_VQ, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        image_start_token_id=tiny.IMAGE_START, image_end_token_id=tiny.IMAGE_END)
+
+
 def _build(scale: str, tokenizer, device: torch.device, dtype: torch.dtype, seed: int, layers: int | None = None):
     if scale == "tiny":
         with torch.random.fork_rng(devices=[]):
             return tiny._ar_model(tokenizer).to(device, dtype).eval()
-    text = dict(FULL_TEXT, pad_token_id=tokenizer.pad_token_id, eos_token_id=FULL_TEXT["vision_vocab_size"])
-    if layers:
-        text["num_hidden_layers"] = layers
-    config = GlmImageConfig(
-        text_config=text,
-        vision_config=SMALL_VISION, vq_config=SMALL_VQ, image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
-        image_start_token_id=tiny.IMAGE_START, image_end_token_id=tiny.IMAGE_END)
+    config = full_config(tokenizer, layers)
     torch.manual_seed(seed)
     with torch.device(device), _default_dtype(dtype):  # as from_pretrained(dtype=...) builds it: rope buffers float32
         model = GlmImageForConditionalGeneration(config)

@@ -192,10 +192,13 @@ def write_glm_image(root: Path, scale: str) -> dict:
     dit.save_config(folder / "transformer")
     write_random(dit, folder / "transformer", "diffusion_pytorch_model.safetensors", torch.bfloat16, SHARDS)
     _, tokenizer = glm_tiny._processor()
-    ar = weights.empty_model(lambda: ar_bench._build("full", tokenizer, torch.device("meta"), torch.bfloat16, 0))
+    from transformers import GlmImageForConditionalGeneration
+
+    ar = weights.empty_model(lambda: GlmImageForConditionalGeneration(ar_bench.full_config(tokenizer)))
+    generation = GlmImageForConditionalGeneration.from_pretrained(folder / "vision_language_encoder").generation_config
     shutil.rmtree(folder / "vision_language_encoder")
     ar.config.save_pretrained(folder / "vision_language_encoder")
-    ar.generation_config.save_pretrained(folder / "vision_language_encoder")
+    generation.save_pretrained(folder / "vision_language_encoder")
     write_random(ar, folder / "vision_language_encoder", "model.safetensors", torch.bfloat16, 4, seed=3)
     return {"folder": str(folder)}
 

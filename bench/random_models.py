@@ -24,6 +24,7 @@ from transformers import ByT5Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5Enc
 
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.cuda_graph import GraphedCall
+from comfyui_parallel_diffusion.models.glm_image import ar_decode
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
 from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
 from comfyui_parallel_diffusion.models.glm_image.stages import GlmImage
@@ -148,13 +149,17 @@ def load_glm_image(ctx, *, scale: str) -> GlmImage:
     return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER), sp_hooks=sp_hooks)
 
 
-def load_glm_image_pipeline(ctx, *, scale: str, ar_tensor_parallel: bool | None = None) -> GlmImage:
-    """Every component: load_glm_image's on every rank; the AR model and its processor as models/glm_image loads
-    them (sharded over every rank, by default on several GPUs; else on rank 0), its decode step compiled."""
+def load_glm_image_pipeline(ctx, *, scale: str, ar: str = "auto") -> GlmImage:
+    """Every component: load_glm_image's on every rank; the AR model and its processor placed as models/glm_image
+    places them (glm_stages.ar_placement: sharded over the largest group of ranks it splits over, by default on
+    several GPUs; else on rank 0), its decode step compiled."""
     model = load_glm_image(ctx, scale=scale)
-    model.ar_tensor_parallel = glm_stages.wants_ar_tensor_parallel(ctx, ar_tensor_parallel)
-    if ctx.is_main or model.ar_tensor_parallel:
-        glm_stages.attach_ar(ctx, model, *glm_image_ar(scale, ctx.device, ctx.dtype))
+    ar_model, processor = glm_image_ar(scale, ctx.device, ctx.dtype)
+    ar_ranks, _ = glm_stages.ar_placement(ar, ctx.device.type, ctx.comm.world_size, ar_model.config.text_config)
+    model.ar_tensor_parallel = ar_ranks > 1
+    in_ar = ctx.comm.make_group(ar_decode.TP_GROUP, range(ar_ranks)) if model.ar_tensor_parallel else ctx.is_main
+    if in_ar:
+        glm_stages.attach_ar(ctx, model, ar_model, processor)
     return model
 
 

@@ -80,7 +80,7 @@ def load_diffusers_model(cls, config: dict, files: list[Path], dtype: torch.dtyp
     or from `tensors` ((name, tensor) pairs, e.g. converted from another layout)."""
     model = weights.empty_model(lambda: cls.from_config(config))
     if tensors is None:
-        tensors = weights.tensors(weights.headers(files), pin=device.type == "cuda")
+        tensors = weights.tensors(weights.headers(files), device)
     return weights.fill(model, tensors, source=source, device=device, dtype=dtype).eval()
 
 
@@ -98,8 +98,7 @@ def load_transformers_model(cls, config, files: list[Path], dtype: torch.dtype, 
     strip = not any(k.startswith(prefix) for k in model.state_dict()) and all(
         k.startswith(prefix) or k in unused for k in infos)
     tensors = ((k.removeprefix(prefix) if strip else k, tensor)
-               for k, tensor in weights.tensors({k: info for k, info in infos.items() if k not in unused},
-                                                pin=device.type == "cuda"))
+               for k, tensor in weights.tensors({k: info for k, info in infos.items() if k not in unused}, device))
     return weights.fill(model, tensors, source=source, device=device, dtype=dtype).eval()
 
 

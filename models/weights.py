@@ -3,16 +3,16 @@
 Why not diffusers' from_pretrained: without `accelerate` (ComfyUI does not install it) diffusers builds the model
 with random weights in host memory and then copies a whole state dict in, so one rank peaks at about twice the
 model in float32 (8.9 GB for a 1.45 B-parameter slice of the Z-Image DiT, measured on CPU). Here the model is
-built on the meta device (no memory, no random initialisation), and each tensor is read from the file into its own
-host buffer, moved to the device, cast there, and assigned: a rank's host memory holds a few tensors at a time
-(READ_AHEAD) on GPUs. Reads go through the page cache, so ranks on one host reading the same file share it.
+built on the meta device (no memory, no random initialisation), and each tensor is read from the file through a
+small ring of staging buffers into its place on the device, cast there, and assigned: a rank's host memory for
+loading is that ring (256 MB), whatever the model. Reads go through the page cache, so ranks on one host reading
+the same file share it.
 
 Strict: every weight of the model must be filled and every tensor offered must be used, with shapes equal; an
 fp8 tensor is upcast (exact: every fp8 value is a bf16 value). Problems are one line naming the file.
 """
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import json
 import struct
@@ -82,35 +82,53 @@ def headers(files: Iterable) -> dict[str, TensorInfo]:
     return merged
 
 
-def read(info: TensorInfo, pin: bool = False) -> torch.Tensor:
-    """One tensor from its file into a host buffer of its own (so a conversion's views can be traced to it). The
-    buffer is torch's own allocation: its alignment then matches any other CPU tensor's, which CPU kernels'
-    summation order depends on (a bytearray's did not, and moved results by 1e-6). `pin`: page-locked, from torch's
-    caching host allocator (blocks are reused once their copy to the GPU is done), so the copy runs at full speed
-    (pageable memory halved the load's speed on an H200, bench/results/load_zimage_h200.json)."""
-    data = torch.empty(info.end - info.start, dtype=torch.uint8, pin_memory=pin)
-    with info.file.open("rb") as f:
-        f.seek(info.start)
-        if data.numel() and f.readinto(memoryview(data.numpy())) != data.numel():
-            raise WeightsError(f"{info.file} ended inside tensor data; download it again")
-    return data.view(info.dtype).view(info.shape)
+READ_AHEAD = 4  # staging buffers, each filled by a reader thread while the one before is copied out
+CHUNK = 64 << 20  # bytes per staging buffer: host memory for reading is READ_AHEAD x CHUNK, whatever the model
 
 
-READ_AHEAD = 4  # tensors read ahead while the one before is copied to the device: bounds host memory to a few
+def tensors(infos: dict[str, TensorInfo], device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor on `device`, in the file's dtype) for each entry, in order.
 
+    Each tensor is read in CHUNK pieces into a ring of READ_AHEAD staging buffers by reader threads (file reads
+    release the GIL) and copied from there into a tensor of its own on the device, so host memory stays at the
+    ring's 256 MB for any model. On CUDA the ring is page-locked and the copies asynchronous: pageable memory
+    halved the load's speed on an H200, and one page-locked buffer per tensor made torch's host cache grow to the
+    largest tensors (bench/results/load_zimage_h200_pageable.json, load_zimage_h200_pinned_per_tensor.json). On the
+    CPU each tensor gets torch's own allocation, whose alignment CPU kernels' summation order depends on (the
+    views into a memory map that diffusers makes move results by 1e-7 per Linear)."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    staging = [torch.empty(CHUNK, dtype=torch.uint8, pin_memory=cuda) for _ in range(READ_AHEAD)]
+    copied: list = [None] * READ_AHEAD  # CUDA events: the last copy out of each buffer has finished
+    jobs = [(name, info, offset) for name, info in infos.items() for offset in range(info.start, info.end, CHUNK)]
 
-def tensors(infos: dict[str, TensorInfo], pin: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for each entry, read by a few threads ahead of the consumer (file reads release the GIL, so
-    reading overlaps the consumer's copies to the device), in order; `pin` as in read()."""
-    items = list(infos.items())
+    def fill_buffer(j: int) -> int:
+        _, info, offset = jobs[j]
+        buffer = j % READ_AHEAD
+        if copied[buffer] is not None:
+            copied[buffer].synchronize()
+        n = min(CHUNK, info.end - offset)
+        with info.file.open("rb") as f:
+            f.seek(offset)
+            if f.readinto(memoryview(staging[buffer].numpy())[:n]) != n:
+                raise WeightsError(f"{info.file} ended inside tensor data; download it again")
+        return n
+
     with concurrent.futures.ThreadPoolExecutor(READ_AHEAD) as pool:
-        pending: collections.deque = collections.deque()
-        for i in range(len(items) + READ_AHEAD):
-            if i < len(items):
-                pending.append((items[i][0], pool.submit(read, items[i][1], pin)))
-            if len(pending) > READ_AHEAD or (i >= len(items) and pending):
-                name, future = pending.popleft()
-                yield name, future.result()
+        pending = {j: pool.submit(fill_buffer, j) for j in range(min(READ_AHEAD, len(jobs)))}
+        j = 0
+        for name, info in infos.items():
+            out = torch.empty(info.end - info.start, dtype=torch.uint8, device=device)
+            while j < len(jobs) and jobs[j][0] == name:
+                n, buffer, at = pending.pop(j).result(), j % READ_AHEAD, jobs[j][2] - info.start
+                out[at:at + n].copy_(staging[buffer][:n], non_blocking=cuda)
+                if cuda:
+                    copied[buffer] = torch.cuda.Event()
+                    copied[buffer].record()
+                if j + READ_AHEAD < len(jobs):
+                    pending[j + READ_AHEAD] = pool.submit(fill_buffer, j + READ_AHEAD)
+                j += 1
+            yield name, out.view(info.dtype).view(info.shape)
 
 
 def empty_model(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -140,7 +158,7 @@ def fill(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]], *,
                                f"{shape}")
         if name in filled:
             raise WeightsError(f"{source}: {name} is given twice")
-        value = tensor.to(device, non_blocking=tensor.is_pinned())
+        value = tensor.to(device)
         _assign(model, name, value.to(dtype if target_dtype.is_floating_point else target_dtype))
         filled.add(name)
     tied = getattr(model, "_tied_weights_keys", None) or {}
@@ -170,7 +188,7 @@ def _assign(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def converted(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, source: str,
-              unused: Iterable[str] = (), pin: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+              unused: Iterable[str] = (), device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """The model's tensors from a file's, through a library's checkpoint converter (diffusers' single-file
     converters take and return {name: tensor}), one file tensor at a time so that host memory holds a few tensors.
     `convert` must then map each tensor on its own (renames and splits, as Z-Image's DiT converter does).
@@ -181,16 +199,16 @@ def converted(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, 
         if name not in unused and not convert({name: torch.empty(info.shape, dtype=info.dtype, device="meta")}):
             raise WeightsError(f"{source}: tensor {name} has no place in the model; is this a file of another "
                                f"model?")
-    for name, tensor in tensors({name: info for name, info in infos.items() if name not in unused}, pin):
+    for name, tensor in tensors({name: info for name, info in infos.items() if name not in unused}, device):
         yield from convert({name: tensor}).items()
 
 
 def converted_whole(infos: dict[str, TensorInfo], convert: Callable[[dict], dict], *, source: str
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+                    , device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """As `converted`, for converters that need the whole checkpoint at once (diffusers' LDM VAE converter): all
     tensors are read (small models only), and a tensor the converter silently dropped is found by storage (each
     read tensor has its own buffer, and a converter's renames, reshapes and splits keep it)."""
-    read_all = dict(tensors(infos))
+    read_all = dict(tensors(infos, device))
     out = convert(dict(read_all))
     used = {t.untyped_storage().data_ptr() for t in out.values()}
     dropped = sorted(name for name, t in read_all.items() if t.numel() and t.untyped_storage().data_ptr() not in used)

@@ -110,8 +110,7 @@ def load_transformer(file: str, dtype: torch.dtype, device) -> ZImageTransformer
     config = _transformer_config(infos)
     # diffusers' converter drops the final norm of Lumina-style files (Z-Image's DiT has none).
     unused = [name for name in infos if name.endswith("norm_final.weight")]
-    tensors = weights.converted(infos, _convert_transformer, source=file, unused=unused,
-                                pin=torch.device(device).type == "cuda")
+    tensors = weights.converted(infos, _convert_transformer, source=file, unused=unused, device=device)
     return loading.load_diffusers_model(ZImageTransformer2DModel, config, [], dtype, torch.device(device),
                                         source=file, tensors=tensors)
 
@@ -190,7 +189,7 @@ def _vae_config(infos: dict) -> dict:
 
 def load_vae(file: str, dtype: torch.dtype, device) -> AutoencoderKL:
     infos = _vae_infos(_header("vae", file))
-    tensors = weights.converted_whole(infos, _vae_converter(infos), source=file)
+    tensors = weights.converted_whole(infos, _vae_converter(infos), source=file, device=device)
     return loading.load_diffusers_model(AutoencoderKL, _vae_config(infos), [], dtype, torch.device(device),
                                         source=file, tensors=tensors)
 
