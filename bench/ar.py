@@ -30,7 +30,6 @@ weights once at the GPU's measured copy bandwidth (weight_read_bound).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
@@ -47,6 +46,7 @@ import transformers
 from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, LogitsProcessor, LogitsProcessorList,
                           StoppingCriteria, StoppingCriteriaList)
 
+from comfyui_parallel_diffusion.models import loading
 from comfyui_parallel_diffusion.models.glm_image import ar_decode, tiny
 from comfyui_parallel_diffusion.models.glm_image import plan as glm_plan
 from comfyui_parallel_diffusion.parallel import Layout
@@ -485,7 +485,7 @@ def _build(scale: str, tokenizer, device: torch.device, dtype: torch.dtype, seed
             return tiny._ar_model(tokenizer).to(device, dtype).eval()
     config = full_config(tokenizer, layers)
     torch.manual_seed(seed)
-    with torch.device(device), _default_dtype(dtype):  # as from_pretrained(dtype=...) builds it: rope buffers float32
+    with torch.device(device), loading.default_dtype(dtype):  # as from_pretrained(dtype=...) builds it: rope buffers float32
         model = GlmImageForConditionalGeneration(config)
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
@@ -493,16 +493,6 @@ def _build(scale: str, tokenizer, device: torch.device, dtype: torch.dtype, seed
             if p.ndim >= 2:  # norms stay 1, biases 0, as the model's own initialisation leaves them
                 p.normal_(0.0, 0.02, generator=generator)
     return model.eval()
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _sampling(model, args, tokenizer) -> None:

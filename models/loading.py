@@ -90,7 +90,7 @@ def load_transformers_model(cls, config, files: list[Path], dtype: torch.dtype, 
     by its own constructor there) and filled from `files`. A bare model (e.g. Qwen3Model) also loads from its causal
     LM's checkpoint, whose keys carry the base model's prefix ("model."), as transformers' from_pretrained allows;
     `unused` names the tensors such a file holds that the bare model has no place for (its output head)."""
-    with torch.device(device), _default_dtype(dtype):  # as from_pretrained(dtype=...) builds: one copy, in dtype
+    with torch.device(device), default_dtype(dtype):  # as from_pretrained(dtype=...) builds: one copy, in dtype
         model = cls(config)
     infos = weights.headers(files)
     unused = tuple(k for k in unused if k not in model.state_dict())
@@ -103,7 +103,8 @@ def load_transformers_model(cls, config, files: list[Path], dtype: torch.dtype, 
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
+def default_dtype(dtype: torch.dtype):
+    """torch's default dtype set for building a model in it, as transformers' from_pretrained(dtype=...) does."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
