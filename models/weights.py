@@ -91,9 +91,10 @@ def tensors(infos: dict[str, TensorInfo], device="cpu") -> Iterator[tuple[str, t
 
     Each tensor is read in CHUNK pieces into a ring of READ_AHEAD staging buffers by reader threads (file reads
     release the GIL) and copied from there into a tensor of its own on the device, so host memory stays at the
-    ring's 256 MB for any model. On CUDA the ring is page-locked and the copies asynchronous: pageable memory
-    halved the load's speed on an H200, and one page-locked buffer per tensor made torch's host cache grow to the
-    largest tensors (bench/results/load_zimage_h200_pageable.json, load_zimage_h200_pinned_per_tensor.json). On the
+    ring's 256 MB for any model. On CUDA the ring is page-locked and the copies asynchronous: from pageable memory
+    Z-Image's folder took 12.1 s to load on an H200 (4.6 s page-locked), and one page-locked buffer per tensor made
+    torch's host cache grow to the largest tensors (bench/results/load_zimage_h200_pageable.json,
+    load_zimage_h200_pinned_per_tensor.json; the ring: load_h200.json, 3.19 s). On the
     CPU each tensor gets torch's own allocation, whose alignment CPU kernels' summation order depends on (the
     views into a memory map that diffusers makes move results by 1e-7 per Linear)."""
     device = torch.device(device)
