@@ -101,16 +101,13 @@ def _count(infos: dict, block: str) -> int:
     return len({name.split(".")[1] for name in infos if name.startswith(f"{block}.")})
 
 
-def _convert_transformer(tensors: dict) -> dict:
-    return convert_z_image_transformer_checkpoint_to_diffusers(tensors)
-
-
 def load_transformer(file: str, dtype: torch.dtype, device) -> ZImageTransformer2DModel:
     infos = _header("transformer", file)
     config = _transformer_config(infos)
     # diffusers' converter drops the final norm of Lumina-style files (Z-Image's DiT has none).
     unused = [name for name in infos if name.endswith("norm_final.weight")]
-    tensors = weights.converted(infos, _convert_transformer, source=file, unused=unused, device=device)
+    tensors = weights.converted(infos, convert_z_image_transformer_checkpoint_to_diffusers, source=file,
+                                unused=unused, device=device)
     return loading.load_diffusers_model(ZImageTransformer2DModel, config, [], dtype, torch.device(device),
                                         source=file, tensors=tensors)
 
