@@ -1,9 +1,10 @@
 """Safetensors weights read straight into a model on its device, in its compute dtype, strictly.
 
-Why not diffusers' from_pretrained: without `accelerate` (ComfyUI does not install it) diffusers builds the model
-with random weights in host memory and then copies a whole state dict in, so one rank peaks at about twice the
-model in float32 (8.9 GB for a 1.45 B-parameter slice of the Z-Image DiT, measured on CPU). Here the model is
-built on the meta device (no memory, no random initialisation), and each tensor is read from the file through a
+Why not from_pretrained(...).to(device): it holds the model in host memory first; for Z-Image-Turbo's folder one
+process peaked at 20.7 GB over its baseline, with accelerate or without (bench/results/load_h200.json, an H200).
+Here a diffusers model is built on the meta device (no memory, no random initialisation) and a transformers model
+on its device in the compute dtype (its constructor makes its non-persistent buffers there; its random weights are
+freed as each is replaced), and each tensor is read from the file through a
 small ring of staging buffers into its place on the device, cast there, and assigned: a rank's host memory for
 loading is that ring (256 MB), whatever the model. Reads go through the page cache, so ranks on one host reading
 the same file share it.
