@@ -51,6 +51,16 @@ def inspect_files(transformer: str, text_encoder: str, vae: str) -> None:
     _vae_config(_vae_infos(_header("vae", vae)))
 
 
+def inspect_transformer(transformer: str) -> None:
+    """The diffusion model file alone, checked from its header as inspect_files does."""
+    _transformer_config(_header("transformer", transformer))
+
+
+def scheduler_config() -> dict:
+    """The published scheduler config (the files carry none), with diffusers' defaults filled in."""
+    return dict(FlowMatchEulerDiscreteScheduler.from_config(_config("scheduler")).config)
+
+
 def _header(role: str, file: str) -> dict[str, weights.TensorInfo]:
     path = Path(file)
     if not path.is_file():
@@ -207,7 +217,7 @@ def load(ctx: StageContext, *, transformer: str, text_encoder: str, vae: str, to
     inspect_files(transformer, text_encoder, vae)
     dit = load_transformer(transformer, ctx.dtype, ctx.device)
     setup_transformer(ctx, dit)
-    model = ZImage(dit, dict(FlowMatchEulerDiscreteScheduler.from_config(_config("scheduler")).config))
+    model = ZImage(dit, scheduler_config())
     if ctx.is_main:
         model.text_encoder = load_text_encoder(text_encoder, ctx.dtype, ctx.device)
         model.tokenizer = load_tokenizer(tokenizer)
