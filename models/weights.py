@@ -72,6 +72,27 @@ def header(file) -> dict[str, TensorInfo]:
     return infos
 
 
+def holds(file, probes: dict[str, torch.Tensor], prefix: str = "") -> bool:
+    """Whether the file's tensors of these names (or prefix + name) equal `probes`, compared in the probes' dtype
+    (a model loaded in a narrower dtype than its file still matches); only those tensors are read."""
+    try:
+        infos = header(file)
+    except WeightsError:
+        return False
+    names = {name: name if name in infos else prefix + name for name in probes}
+    if any(infos.get(stored) is None or infos[stored].shape != tuple(probes[name].shape)
+           for name, stored in names.items()):
+        return False
+    with Path(file).open("rb") as f:
+        for name, stored in names.items():
+            info, probe = infos[stored], probes[name]
+            f.seek(info.start)
+            value = torch.frombuffer(bytearray(f.read(info.end - info.start)), dtype=info.dtype).reshape(info.shape)
+            if not torch.equal(value.to(probe.dtype), probe.cpu()):
+                return False
+    return True
+
+
 def headers(files: Iterable) -> dict[str, TensorInfo]:
     """The tensors of several files (shards of one model); a name in two files is refused."""
     merged: dict[str, TensorInfo] = {}

@@ -9,6 +9,7 @@ started again and the model loaded again, transparently.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -50,6 +51,7 @@ class ModelHandle:
     layout: Layout
     device: str  # "cuda" or "cpu"
     dtype: torch.dtype
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file name, strength) of the Z-Image LoRA nodes, in order
 
     @property
     def key(self) -> str:
@@ -58,6 +60,11 @@ class ModelHandle:
     def describe(self) -> str:
         files = ", ".join(os.path.basename(value) for _, value in self.source)
         return f"{files} on {self.layout.describe()}, {self.device}"
+
+
+def with_lora(handle: ModelHandle, name: str, strength: float) -> ModelHandle:
+    """The same loaded model with one more LoRA: applied by the stages that take one, per request."""
+    return dataclasses.replace(handle, loras=handle.loras + ((name, strength),))
 
 
 def resolve_device(device: str) -> str:

@@ -63,9 +63,25 @@ def reference(dit_file, x, sigma, captions, comfy_sd=None):
 
 
 @pytest.fixture(scope="module")
-def single(dit_file):
+def single_runner(dit_file):
     runner = LocalRunner(models)
-    return client_for(runner, dit_file)
+    runner.load("dit", "zimage_dit", transformer=dit_file)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def single(single_runner, dit_file):
+    return client_for(single_runner, dit_file)
+
+
+def denoise_request(lora):
+    from comfyui_parallel_diffusion.models.zimage.comfyui_model import lora_factors
+
+    gen = torch.Generator().manual_seed(2)
+    latents = torch.randn(1, 16, 12, 6, generator=gen)
+    return {"latents": latents, "prompt_embeds": [torch.randn(7, 48, generator=gen)],
+            "negative_prompt_embeds": [torch.randn(3, 48, generator=gen)], "steps": 2, "guidance": 1.5,
+            "lora": lora_factors(lora)}
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -164,7 +180,7 @@ LAYOUTS = {"ulysses2": Layout.for_world(2), "ulysses3": Layout.for_world(3), "cf
 
 
 @pytest.mark.parametrize("name", LAYOUTS)
-def test_parallel_predict_equals_single_process(dit_file, single, name):
+def test_parallel_predict_equals_single_process(dit_file, single, single_runner, name):
     group = WorkerGroup(LAYOUTS[name], "cpu", torch.float32)
     try:
         client = client_for(group, dit_file)
@@ -178,6 +194,35 @@ def test_parallel_predict_equals_single_process(dit_file, single, name):
                 err = max((a - b).abs().max().item() for a, b in zip(ours, ref))
                 worst = max(worst, err)
                 assert err <= PARALLEL_TOLERANCE, (name, size, len(branches), bool(lora), err)
+        request = denoise_request(patches)  # our own Denoise with a LoRA
+        err = (group.run("zimage.denoise", "dit", request) - single_runner.run("zimage.denoise", "dit", request))
+        worst = max(worst, err.abs().max().item())
+        assert err.abs().max() <= PARALLEL_TOLERANCE, (name, "denoise with a LoRA")
         print(f"{name}: worst max|diff| {worst:.2e}")
     finally:
         group.close()
+
+
+def test_denoise_with_a_lora_equals_denoising_the_merged_weights(dit_file, tmp_path):
+    """Our own Z-Image Denoise with a LoRA (the Z-Image LoRA node's factors) equals the same run on a file with
+    the LoRA merged into its weights; the next request without one runs on the base weights again."""
+    from comfyui_parallel_diffusion.models.zimage.comfyui_model import lora_factors
+
+    patches = lora_patches(dit_file, 0.7)
+    merged_file = tmp_path / "merged.safetensors"
+    save_file(merged(dit_file, patches), merged_file)
+    runner = LocalRunner(models)
+    runner.load("base", "zimage_dit", transformer=dit_file)
+    runner.load("merged", "zimage_dit", transformer=str(merged_file))
+    gen = torch.Generator().manual_seed(1)
+    latents = runner.run("zimage.prepare", "base", {"batch": 1, "height": 96, "width": 48, "seed": 1})
+    request = {"latents": latents, "prompt_embeds": [torch.randn(7, 48, generator=gen)],
+               "negative_prompt_embeds": [torch.randn(3, 48, generator=gen)], "steps": 2, "guidance": 1.5}
+    base = runner.run("zimage.denoise", "base", request)
+    ours = runner.run("zimage.denoise", "base", {**request, "lora": lora_factors(patches)})
+    err = (ours - runner.run("zimage.denoise", "merged", request)).abs().max().item()
+    print(f"denoise with the LoRA vs merged weights: max|diff| {err:.2e}; the LoRA moves it by "
+          f"{(ours - base).abs().max().item():.2e}")
+    assert err <= LORA_TOLERANCE * 10  # two steps of the sampler compound the per-call rounding
+    assert (ours - base).abs().max() > 1e-2
+    assert torch.equal(runner.run("zimage.denoise", "base", request), base)

@@ -24,9 +24,9 @@ from diffusers.loaders.single_file_utils import convert_z_image_transformer_chec
 
 from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from ..lora import LoRAFactor, set_lora
+from ..lora import LoRAFactor
 from . import comfyui_files
-from .stages import ZImage, setup_transformer
+from .stages import ZImage, apply_lora, setup_transformer
 
 MISSING = "missing"  # a worker's answer when the host refers to state it does not hold
 MAX_CAPTIONS = 8  # captions kept resident: a prompt's positive and negative, and a few of earlier prompts
@@ -79,6 +79,12 @@ def lora_layers(patches: list[LoRAPatch]) -> dict[str, list[tuple[int, torch.Ten
     return layers
 
 
+def lora_factors(patches: list[LoRAPatch]) -> dict[str, list[LoRAFactor]]:
+    """The patches as the diffusers DiT's LoRA factors (what stages.denoise takes)."""
+    return {name: [LoRAFactor(up, patches[index].down, patches[index].scale) for index, up in entries]
+            for name, entries in lora_layers(patches).items()}
+
+
 # -- the worker's stage ------------------------------------------------------------------------------------------
 
 @dataclass
@@ -129,10 +135,8 @@ def predict(ctx: StageContext, model: ZImage, *, session: str, reset: bool, x: t
 
 def _apply_lora(model: ZImage, factors: dict[str, list[tuple[torch.Tensor, torch.Tensor]]],
                 scales: dict[str, list[float]]) -> None:
-    layers = {name: [LoRAFactor(up, down, scale) for (up, down), scale in zip(factors[name], scales[name])]
-              for name in scales}
-    if set_lora(model.transformer, layers) and hasattr(model.predict, "clear"):
-        model.predict.clear()  # the captured CUDA graph calls the layers as they were
+    apply_lora(model, {name: [LoRAFactor(up, down, scale) for (up, down), scale in zip(factors[name], scales[name])]
+                       for name in scales})
 
 
 PREDICT = Stage("zimage.predict", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, predict)

@@ -19,6 +19,7 @@ from ...parallel.cfg import run_branches
 from .. import checks, loading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
+from ..lora import LoRAFactor, set_lora
 from .attention import use_real_rotary
 from .latent_format import LATENT_CHANNELS
 from .plan import apply_sequence_parallel
@@ -46,6 +47,12 @@ class ZImage:
 
     def __post_init__(self):
         self.predict = graphed_on(self.transformer.device, functools.partial(_forward, self.transformer))
+
+
+def apply_lora(model: ZImage, layers: dict[str, list[LoRAFactor]]) -> None:
+    """Make `layers` (by diffusers weight name; {} for none) the DiT's LoRA."""
+    if set_lora(model.transformer, layers) and hasattr(model.predict, "clear"):
+        model.predict.clear()  # the captured CUDA graph calls the layers as they were
 
 
 def load(ctx: StageContext, path: str) -> ZImage:
@@ -113,10 +120,12 @@ def prepare(ctx: StageContext, model: ZImage, *, batch: int, height: int, width:
 
 @torch.no_grad()
 def denoise(ctx: StageContext, model: ZImage, *, latents: torch.Tensor, prompt_embeds: list[torch.Tensor],
-            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float, strength: float = 1.0
-            ) -> torch.Tensor:
+            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float, strength: float = 1.0,
+            lora: dict[str, list[LoRAFactor]] | None = None) -> torch.Tensor:
     """The flow-matching loop; sharded over the sequence by the plan, guidance branches split by cfg degree.
-    strength < 1 (image-to-image, latents from prepare) runs only the last steps of the schedule."""
+    strength < 1 (image-to-image, latents from prepare) runs only the last steps of the schedule. lora: the LoRA
+    factors of this request (none: the base weights)."""
+    apply_lora(model, lora or {})
     use_cfg = guidance > 0
     ctx.comm.layout.check_branches(2 if use_cfg else 1)
     scheduler, timesteps = _scheduler(model, latents, steps, strength)
