@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..models import offload
+from ..models import fp8, offload
 from ..models.loading import inspect_model_folder
 from . import runtime
 from .model_folders import list_model_folders, model_folder_path
@@ -54,6 +54,11 @@ def memory_inputs() -> dict:
                        "model) take turns on the GPU, waiting in the computer's memory between them; same "
                        "images, some seconds per prompt for the copies. auto: only where the GPUs' free memory "
                        "does not hold all of them (the server log says which). resident: all stay on the GPUs."}),
+        "weight_dtype": (list(fp8.WEIGHT_DTYPES), {
+            "default": "default",
+            "tooltip": "fp8_e4m3fn: the diffusion model's (and GLM-Image's AR model's) weights stored in 8 bits, "
+                       "computed in bf16, as ComfyUI's weight_dtype of that name: about half their GPU memory, "
+                       "images close to but not equal to default's. default: as the files hold them, in bf16."}),
     }
 
 
@@ -63,11 +68,12 @@ class LoaderBase:
     PIPELINE = ""  # the diffusers class model_index.json must name
     FUNCTION = "load"
 
-    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, offload: str = "auto"):
+    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, offload: str = "auto",
+             weight_dtype: str = "default"):
         with runtime.user_errors():
             path = model_folder_path(model)
-        return (runtime.load_model(self.RUNTIME_LOADER, {"path": path, "offload": offload}, gpus, cfg_parallel,
-                                   device,
+        return (runtime.load_model(self.RUNTIME_LOADER, {"path": path, "offload": offload,
+                                                         "weight_dtype": weight_dtype}, gpus, cfg_parallel, device,
                                    lambda: inspect_model_folder(path, self.PIPELINE)),)
 
 

@@ -57,11 +57,12 @@ class GlmImageLoader(LoaderBase):
                        "others). tensor_parallel: as auto, on the CPU too."})
         return inputs
 
-    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, ar: str = "auto", offload: str = "auto"):
+    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, ar: str = "auto", offload: str = "auto",
+             weight_dtype: str = "default"):
         with runtime.user_errors():
             path = model_folder_path(model)
-        handle = runtime.load_model(self.RUNTIME_LOADER, {"path": path, "ar": ar, "offload": offload}, gpus,
-                                    cfg_parallel, device,
+        source = {"path": path, "ar": ar, "offload": offload, "weight_dtype": weight_dtype}
+        handle = runtime.load_model(self.RUNTIME_LOADER, source, gpus, cfg_parallel, device,
                                     lambda: inspect_model_folder(path, self.PIPELINE))
         placement = ar_placement(ar, handle.device, handle.layout.world_size, ar_text_config(path))[1]
         log.info("parallel_diffusion: %s", placement)

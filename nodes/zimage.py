@@ -59,12 +59,12 @@ class ZImageFilesLoader:
         }, "optional": memory_inputs()}
 
     def load(self, transformer: str, text_encoder: str, vae: str, gpus: int, cfg_parallel: bool, device: str,
-             offload: str = "auto"):
+             offload: str = "auto", weight_dtype: str = "default"):
         with runtime.user_errors():
             files = {"transformer": model_files.file_path("diffusion_models", transformer),
                      "text_encoder": model_files.file_path("text_encoders", text_encoder),
                      "vae": model_files.file_path("vae", vae), "tokenizer": model_files.comfyui_tokenizer()}
-        files["offload"] = offload
+        files.update(offload=offload, weight_dtype=weight_dtype)
         inspect = lambda: comfyui_files.inspect_files(files["transformer"], files["text_encoder"], files["vae"])
         return (runtime.load_model(comfyui_files.LOADER.name, files, gpus, cfg_parallel, device, inspect),)
 

@@ -42,11 +42,12 @@ from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, GlmI
 
 from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from .. import checks, loading, weights
+from .. import checks, fp8, loading, weights
 from .. import offload as offloading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from . import ar_decode, latent_format
+from .decode_step import fuse_qkv
 from .plan import apply_ar_tensor_parallel, apply_sequence_parallel, largest_ar_split
 
 log = logging.getLogger(__name__)
@@ -91,12 +92,15 @@ class GlmImage:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto") -> GlmImage:
+def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto", weight_dtype: str = "default"
+         ) -> GlmImage:
     """Every rank loads the DiT, the glyph encoder and the VAE. The AR model and processor, as ar_placement
     decides for `ar` (one of AR_PLACEMENTS): on ranks 0..n-1, its decoder sharded over them, or on rank 0 alone;
-    there, as `offload` (offload.MODES) decides, beside the DiT or in turns with it (add_ar).
+    there, as `offload` (offload.MODES) decides, beside the DiT or in turns with it (add_ar). weight_dtype
+    (fp8.WEIGHT_DTYPES): how the DiT's and the AR decoder's Linear weights are stored.
     On CUDA the AR decode step is compiled here (attach_ar), not in the first prompt."""
     offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     loading.inspect_model_folder(path, PIPELINE)
     ar_ranks, placement = ar_placement(ar, ctx.device.type, ctx.comm.world_size, ar_text_config(path))
     dev, dtype = ctx.device, ctx.dtype
@@ -104,7 +108,7 @@ def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto") 
     if scheduler_config.get("stochastic_sampling"):
         raise loading.ModelFolderError(f"{path}: a stochastic-sampling scheduler is not supported")
     transformer = loading.load_component(path, "transformer", dtype, dev).eval()
-    sp_hooks = setup_transformer(ctx, transformer)
+    sp_hooks = setup_transformer(ctx, transformer, weight_dtype)
     model = GlmImage(
         transformer=transformer,
         text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval(),
@@ -124,7 +128,7 @@ def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto") 
         add_ar(ctx, model, offload, weights.headers(sorted((Path(path) / "vision_language_encoder").glob(
             "*.safetensors"))), lambda: attach_ar(ctx, model, loading.load_component(
                 path, "vision_language_encoder", dtype, dev, cls=GlmImageForConditionalGeneration).eval(),
-                load_processor(path)))
+                load_processor(path), weight_dtype))
     return model
 
 
@@ -163,10 +167,13 @@ def load_processor(path: str) -> GlmImageProcessor:
     return processor
 
 
-def setup_transformer(ctx: StageContext, transformer) -> list:
-    """The loaded DiT as the denoise stage runs it: its sequence-parallel plan installed (returns the hooks), its
-    blocks compiled on CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA the
-    whole call is also replayed as a CUDA graph (GlmImage.predict)."""
+def setup_transformer(ctx: StageContext, transformer, weight_dtype: str = "default") -> list:
+    """The loaded DiT as the denoise stage runs it: its Linear weights in fp8 for weight_dtype fp8_e4m3fn
+    (models/fp8.py), its sequence-parallel plan installed (returns the hooks), its blocks compiled on CUDA (on CPU
+    compiling costs minutes and saves little; the tests run it eagerly). On CUDA the whole call is also replayed as
+    a CUDA graph (GlmImage.predict)."""
+    if weight_dtype == "fp8_e4m3fn":
+        fp8.store_fp8(fp8.linears(transformer), ctx.dtype)
     hooks = apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
         compile_blocks(list(transformer.transformer_blocks))
@@ -202,7 +209,8 @@ def ar_placement(ar: str, device_type: str, world_size: int, text_config) -> tup
                f"(ar=rank0 runs it on rank 0 alone)")
 
 
-def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, processor) -> None:
+def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, processor,
+              weight_dtype: str = "default") -> None:
     """Give the model its loaded AR (call where it runs: rank 0, or every rank when model.ar_tensor_parallel):
     shard its decoder if tensor-parallel, then compile the decode step for a default-sized request (a 1024x1024
     image: the cache slot of every request up to that size with a prompt of a few hundred tokens), so no prompt
@@ -211,9 +219,21 @@ def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, proce
     comm = _ar_comm(ctx, model)
     if comm is not None:
         apply_ar_tensor_parallel(vision_language_encoder, comm)
+    if weight_dtype == "fp8_e4m3fn":
+        fp8.store_fp8(ar_fp8_layers(vision_language_encoder), ctx.dtype)
     if ar_decode.enabled(vision_language_encoder, comm):
         inputs, max_new_tokens, _ = _ar_request(processor, ["warm-up"], None, 1024, 1024, ctx.device)
         ar_decode.decoder_for(vision_language_encoder, comm).warm_up(inputs, max_new_tokens)
+
+
+def ar_fp8_layers(vision_language_encoder) -> list:
+    """The AR decoder's layers stored in fp8: per layer its MLP and attention output projections (nearly all of
+    its weights), and the output head. q/k/v stay in the compute dtype, fused first (decode_step.fuse_qkv, which
+    the fast decode step reads directly): an fp8 q/k/v would need a kernel of its own there."""
+    fuse_qkv(vision_language_encoder)
+    layers = vision_language_encoder.model.language_model.layers
+    return [*(m for layer in layers for m in (layer.mlp.gate_up_proj, layer.mlp.down_proj, layer.self_attn.o_proj)),
+            vision_language_encoder.lm_head]
 
 
 def ar_parallelism(model: GlmImage) -> Parallelism:

@@ -24,7 +24,7 @@ from diffusers.loaders.single_file_utils import (
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from ...parallel import Loader, StageContext
-from .. import loading, offload as offloading, weights
+from .. import fp8, loading, offload as offloading, weights
 from .stages import ZImage, add_text_encoder, setup_transformer
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -204,11 +204,12 @@ def load_tokenizer(folder: str) -> Qwen2Tokenizer:
 
 
 def load(ctx: StageContext, *, transformer: str, text_encoder: str, vae: str, tokenizer: str,
-         offload: str = "auto") -> ZImage:
+         offload: str = "auto", weight_dtype: str = "default") -> ZImage:
     offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     inspect_files(transformer, text_encoder, vae)
     dit = load_transformer(transformer, ctx.dtype, ctx.device)
-    setup_transformer(ctx, dit)
+    setup_transformer(ctx, dit, weight_dtype)
     model = ZImage(dit, dict(FlowMatchEulerDiscreteScheduler.from_config(_config("scheduler")).config))
     if ctx.is_main:
         add_text_encoder(ctx, model, offload, [weights.header(text_encoder), weights.header(vae)],

@@ -17,7 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from .. import checks, loading, weights
+from .. import checks, fp8, loading, weights
 from .. import offload as offloading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
@@ -55,13 +55,15 @@ class ZImage:
         self.predict = graphed_on(self.transformer.device, functools.partial(_forward, self.transformer))
 
 
-def load(ctx: StageContext, path: str, offload: str = "auto") -> ZImage:
-    """offload (offload.MODES): whether rank 0's text encoder and DiT take turns on its GPU."""
+def load(ctx: StageContext, path: str, offload: str = "auto", weight_dtype: str = "default") -> ZImage:
+    """offload (offload.MODES): whether rank 0's text encoder and DiT take turns on its GPU; weight_dtype
+    (fp8.WEIGHT_DTYPES): how the DiT's Linear weights are stored."""
     offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     loading.inspect_model_folder(path, PIPELINE)
     dev, dtype = ctx.device, ctx.dtype
     transformer = loading.load_component(path, "transformer", dtype, dev)
-    setup_transformer(ctx, transformer)
+    setup_transformer(ctx, transformer, weight_dtype)
     model = ZImage(transformer, dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")))
     if ctx.is_main:
         coming = [weights.headers(sorted((Path(path) / name).glob("*.safetensors")))
@@ -91,10 +93,14 @@ def _drop_graph(model: ZImage) -> Callable[[], None]:
     return getattr(model.predict, "clear", lambda: None)
 
 
-def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel) -> None:
-    """The loaded DiT as the denoise stage runs it: its rotary embedding in real arithmetic (attention.py), its
-    sequence-parallel plan installed, its blocks compiled on CUDA (on CPU compiling costs minutes and saves little;
-    the tests run it eagerly). On CUDA the whole call is also replayed as a CUDA graph (ZImage.predict)."""
+def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel, weight_dtype: str = "default"
+                      ) -> None:
+    """The loaded DiT as the denoise stage runs it: its Linear weights in fp8 for weight_dtype fp8_e4m3fn
+    (models/fp8.py), its rotary embedding in real arithmetic (attention.py), its sequence-parallel plan installed,
+    its blocks compiled on CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA
+    the whole call is also replayed as a CUDA graph (ZImage.predict)."""
+    if weight_dtype == "fp8_e4m3fn":
+        fp8.store_fp8(fp8.linears(transformer), ctx.dtype)
     use_real_rotary(transformer)
     apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
