@@ -72,6 +72,25 @@ def choose(comm: Comm, mode: str, needed: int, what: str, group: str | None = No
     return offload
 
 
+class HostBuffer:
+    """`nbytes` of host memory, page-locked on CUDA (asynchronous, full-speed copies) by registering a plain
+    allocation with CUDA: torch's pinned allocator rounds every allocation up to a power of two, which would hold up
+    to twice the weights in host memory."""
+
+    def __init__(self, nbytes: int, page_locked: bool):
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.registered = page_locked and nbytes > 0
+        if self.registered:
+            check = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0)
+            if int(check) != 0:
+                raise RuntimeError(f"page-locking {nbytes / GiB:.1f} GiB of host memory for offloaded weights "
+                                   f"failed (CUDA error {int(check)}); use offload=resident")
+
+    def __del__(self):
+        if self.registered:  # before the memory itself is freed, with this object's attributes
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+
+
 class Offloaded:
     """One module's weights, between the device and host memory (see the module docstring).
 
@@ -106,7 +125,8 @@ class Offloaded:
                 self.sizes.append(s.nbytes())
             self.views.append((index, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype))
         self.owners = self._spread(self.sizes)
-        self.host: dict[int, torch.Tensor] = {}  # storage index -> its bytes in (page-locked) host memory
+        self.buffer: HostBuffer | None = None  # this rank's share of the host copy, made on the first offload
+        self.host: dict[int, torch.Tensor] = {}  # storage index -> its bytes in the buffer
         self.resident = True
 
     @property
@@ -131,13 +151,21 @@ class Offloaded:
             return
         self.on_offload()
         me = self.comm.group_rank(self.group) if self.group else 0
-        cuda = self.device.type == "cuda"
+        to_copy: set[int] = set()
+        if self.buffer is None:  # the first time: this rank's storages, back to back in one buffer
+            self.buffer = HostBuffer(sum(n for i, n in enumerate(self.sizes) if self.owners[i] == me),
+                                     self.device.type == "cuda")
+            at = 0
+            for i, n in enumerate(self.sizes):
+                if self.owners[i] == me:
+                    self.host[i], at = self.buffer.tensor[at:at + n], at + n
+            to_copy = set(self.host)
         for i, (sub, kind, name) in enumerate(self.slots):
             tensor, (index, *_) = getattr(sub, kind)[name], self.views[i]
-            if index not in self.host and self.owners[index] == me:
+            if index in to_copy:
                 whole = torch.empty(0, dtype=torch.uint8, device=self.device).set_(tensor.untyped_storage())
-                self.host[index] = torch.empty(whole.numel(), dtype=torch.uint8, pin_memory=cuda)
                 self.host[index].copy_(whole)
+                to_copy.discard(index)
             placeholder = torch.empty_like(tensor, device="meta")
             if kind == "_parameters":
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)  # drops the storage
