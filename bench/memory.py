@@ -18,6 +18,8 @@ Each (config, cap) runs in a fresh process (a fresh worker group for several GPU
 own. A cap emulates a card: torch.cuda.set_per_process_memory_fraction on every rank, before anything is
 allocated, at the card's memory less CONTEXT_MIB for the CUDA context a real card also spends outside torch's
 allocator. A run that fails (out of memory) records the error and the last report before it: what held the memory.
+Every image is kept under --root/images; each run's are compared with a default-weights run's of the same size and
+seed (this invocation's or an earlier one's): offload must equal resident exactly, fp8 gives a PSNR against bf16.
 
 configs: resident (offload=resident), offload (offload=offload), auto (offload=auto: what the loader chooses for
 the cap), fp8 (weight_dtype=fp8_e4m3fn, resident), fp8_offload (both).
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import platform
 import subprocess
 import sys
@@ -128,8 +131,9 @@ def measure(spec: dict) -> dict:
         for size in spec["sizes"]:
             for prompt in range(2):
                 records.append({"stage": "prompt", "size": size, "prompt": prompt + 1})
-                family.generate(measured, "m", prompt=PROMPT, height=size, width=size, steps=spec["steps"],
-                                guidance=family.DEFAULT_GUIDANCE, seed=prompt)
+                images, _ = family.generate(measured, "m", prompt=PROMPT, height=size, width=size,
+                                            steps=spec["steps"], guidance=family.DEFAULT_GUIDANCE, seed=prompt)
+                torch.save(images, Path(spec["images"]) / f"{spec['config']}-{spec['cap']}-{size}-{prompt}.pt")
         result["ok"] = True
     except Exception as exc:  # noqa: BLE001 - an out-of-memory is a result: what failed, after what
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
@@ -160,6 +164,27 @@ def write_models(model: str, root: Path, scale: str) -> tuple[str, dict]:
     return written
 
 
+def compare_images(runs: list[dict], images: Path) -> None:
+    """Each run's images against a default-weights run's of the same size and seed (any cap): offload must equal
+    resident bit for bit; fp8 is reported as PSNR (dB, images in [0, 1]) against bf16."""
+    saved = {tuple(p.stem.split("-")): p for p in images.glob("*.pt")}  # (config, cap, size, seed) -> file
+    for run in runs:
+        if not run.get("ok"):
+            continue
+        run["images"] = {}
+        for (config, cap, size, seed), file in sorted(saved.items()):
+            if config != run["config"] or cap != str(run["cap_gb"]):
+                continue
+            reference = next((f for (c, k, z, e), f in sorted(saved.items()) if (z, e) == (size, seed) and
+                              CONFIGS[c][1] == "default" and f != file), None)
+            if reference is None:
+                continue
+            mine, theirs = torch.load(file), torch.load(reference)
+            mse = (mine - theirs).double().pow(2).mean().item()
+            run["images"][f"{size}-{seed}"] = {"against": reference.stem, "equal": torch.equal(mine, theirs),
+                                               "psnr_db": None if mse == 0 else round(10 * math.log10(1 / mse), 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["zimage", "glm_image"], required=True)
@@ -180,13 +205,15 @@ def main() -> None:
     scale, device = ("tiny", "cpu") if args.tiny else ("full", "cuda")
     loader, source = write_models(args.model, args.root, scale)
     caps = [None if c == "none" else int(c) for c in args.caps.split(",")]
+    images = args.root / "images"
+    images.mkdir(parents=True, exist_ok=True)
     runs = []
     for config in args.configs.split(","):
         for cap in caps:
             spec = {"model": args.model, "gpus": args.gpus, "config": config, "cap": cap,
                     "cap_mib": CARDS_MIB[cap] - CONTEXT_MIB if cap and not args.tiny else None,
                     "sizes": [int(s) for s in args.sizes.split(",")], "steps": args.steps or STEPS[args.model],
-                    "device": device, "loader": loader, "source": source}
+                    "device": device, "loader": loader, "source": source, "images": str(images)}
             started = time.perf_counter()
             try:
                 done = subprocess.run([sys.executable, __file__, "--model", args.model, "--out", str(args.out),
@@ -201,6 +228,7 @@ def main() -> None:
             runs.append(run)
             print(f"{args.model} {args.gpus} GPU(s) {config} cap {cap}: {'ok' if run['ok'] else run['error'][:200]} "
                   f"({run['wall_s']} s)", file=sys.stderr, flush=True)
+    compare_images(runs, images)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
         "what": __doc__.split("\n\n")[0], "model": args.model, "gpus": args.gpus, "scale": scale,
