@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,12 @@ def headers(files: Iterable) -> dict[str, TensorInfo]:
                 raise WeightsError(f"{info.file} and {merged[name].file} both hold tensor {name}")
             merged[name] = info
     return merged
+
+
+def nbytes(infos: dict[str, TensorInfo], dtype: torch.dtype) -> int:
+    """What the tensors take once loaded, floating-point ones in `dtype` (as fill casts them)."""
+    return sum(math.prod(t.shape) * (dtype.itemsize if t.dtype.is_floating_point else t.dtype.itemsize)
+               for t in infos.values())
 
 
 READ_AHEAD = 4  # staging buffers, each filled by a reader thread while the one before is copied out

@@ -9,7 +9,7 @@ from ..models.zimage.stages import (MAX_SIZE, PIPELINE, SIZE_MULTIPLE, check_inp
 from ..models.zimage.comfyui_model import lora_factors
 from . import lora, model_files, runtime
 from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, layout_inputs, loader_inputs,
-                     seed_input, validation)
+                     memory_inputs, seed_input, validation)
 
 CATEGORY = "parallel_diffusion/Z-Image"
 MODEL = "PD_ZIMAGE"
@@ -57,13 +57,15 @@ class ZImageFilesLoader:
             "vae": (model_files.list_files("vae"), {
                 "tooltip": "The FLUX.1 VAE under models/vae, ae.safetensors."}),
             **layout_inputs(),
-        }}
+        }, "optional": memory_inputs()}
 
-    def load(self, transformer: str, text_encoder: str, vae: str, gpus: int, cfg_parallel: bool, device: str):
+    def load(self, transformer: str, text_encoder: str, vae: str, gpus: int, cfg_parallel: bool, device: str,
+             offload: str = "auto", weight_dtype: str = "default"):
         with runtime.user_errors():
             files = {"transformer": model_files.file_path("diffusion_models", transformer),
                      "text_encoder": model_files.file_path("text_encoders", text_encoder),
                      "vae": model_files.file_path("vae", vae), "tokenizer": model_files.comfyui_tokenizer()}
+        files.update(offload=offload, weight_dtype=weight_dtype)
         inspect = lambda: comfyui_files.inspect_files(files["transformer"], files["text_encoder"], files["vae"])
         return (runtime.load_model(comfyui_files.LOADER.name, files, gpus, cfg_parallel, device, inspect),)
 

@@ -171,8 +171,10 @@ class ZImageParallelModel:
                 raise ValueError(f"Z-Image Parallel MODEL takes a Z-Image MODEL; this one is "
                                  f"{type(base.model_config).__name__}")
             path = source_file(dit)
-        handle = runtime.load_model(DIT_LOADER.name, {"transformer": path}, gpus, cfg_parallel, device,
-                                    lambda: comfyui_files.inspect_transformer(path))
+        # the workers store the weights as Load Diffusion Model's weight_dtype did: fp8 there, fp8 here
+        weight_dtype = "fp8_e4m3fn" if dit.dtype == torch.float8_e4m3fn else "default"
+        handle = runtime.load_model(DIT_LOADER.name, {"transformer": path, "weight_dtype": weight_dtype}, gpus,
+                                    cfg_parallel, device, lambda: comfyui_files.inspect_transformer(path))
         patched = model.clone()
         patched.add_object_patch("diffusion_model", ParallelDiT(handle, dit, base))
         patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY, calc_cond_batch)

@@ -228,6 +228,14 @@ class Comm:
             return tensor
         return funcol.broadcast(tensor.contiguous(), self._groups[group][1][src], self._process_group(group))
 
+    def broadcast_(self, tensor: torch.Tensor, group: str, src: int = 0) -> None:
+        """Member `src`'s tensor (by group rank) written into `tensor` on every member, in place: for large
+        transfers (offloaded weights coming back), which a second buffer would double."""
+        if self.group_size(group) == 1:
+            return
+        pg, ranks = self._groups[group]
+        dist.broadcast(tensor, src=ranks[src], group=pg)
+
     def _process_group(self, group: str):
         pg, _ = self._groups[group]
         return pg if pg is not None else dist.group.WORLD

@@ -24,8 +24,8 @@ from diffusers.loaders.single_file_utils import (
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from ...parallel import Loader, StageContext
-from .. import loading, weights
-from .stages import ZImage, setup_transformer
+from .. import fp8, loading, offload as offloading, weights
+from .stages import ZImage, add_text_encoder, setup_transformer
 
 CONFIGS = Path(__file__).parent / "configs"
 COMFYUI_PREFIX = "model.diffusion_model."  # what a full ComfyUI checkpoint puts before the DiT's keys
@@ -213,13 +213,17 @@ def load_tokenizer(folder: str) -> Qwen2Tokenizer:
     return Qwen2Tokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load(ctx: StageContext, *, transformer: str, text_encoder: str, vae: str, tokenizer: str) -> ZImage:
+def load(ctx: StageContext, *, transformer: str, text_encoder: str, vae: str, tokenizer: str,
+         offload: str = "auto", weight_dtype: str = "default") -> ZImage:
+    offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     inspect_files(transformer, text_encoder, vae)
     dit = load_transformer(transformer, ctx.dtype, ctx.device)
-    setup_transformer(ctx, dit)
+    setup_transformer(ctx, dit, weight_dtype)
     model = ZImage(dit, scheduler_config())
     if ctx.is_main:
-        model.text_encoder = load_text_encoder(text_encoder, ctx.dtype, ctx.device)
+        add_text_encoder(ctx, model, offload, [weights.header(text_encoder), weights.header(vae)],
+                         lambda: load_text_encoder(text_encoder, ctx.dtype, ctx.device))
         model.tokenizer = load_tokenizer(tokenizer)
         model.vae = load_vae(vae, ctx.dtype, ctx.device)
     return model

@@ -32,11 +32,12 @@ MISSING = "missing"  # a worker's answer when the host refers to state it does n
 MAX_CAPTIONS = 8  # captions kept resident: a prompt's positive and negative, and a few of earlier prompts
 
 
-def load_dit(ctx: StageContext, *, transformer: str) -> ZImage:
-    """Only the DiT of a ComfyUI diffusion model file: ComfyUI encodes the text and decodes the latents itself."""
+def load_dit(ctx: StageContext, *, transformer: str, weight_dtype: str = "default") -> ZImage:
+    """Only the DiT of a ComfyUI diffusion model file: ComfyUI encodes the text and decodes the latents itself.
+    weight_dtype as the loaders' (fp8_e4m3fn where ComfyUI's Load Diffusion Model stores the weights in fp8)."""
     comfyui_files.inspect_transformer(transformer)
     dit = comfyui_files.load_transformer(transformer, ctx.dtype, ctx.device)
-    setup_transformer(ctx, dit)
+    setup_transformer(ctx, dit, weight_dtype)
     return ZImage(dit, comfyui_files.scheduler_config())
 
 
@@ -111,6 +112,7 @@ def predict(ctx: StageContext, model: ZImage, *, session: str, reset: bool, x: t
         lora_factors = lora_factors or {}
     elif resident.session != session:
         return MISSING
+    model.weights.use("transformer")
     for key in drop:
         resident.captions.pop(key, None)
     dev, dtype = ctx.device, model.transformer.dtype
