@@ -64,13 +64,19 @@ def _host_memory() -> dict[str, float]:
                                                                              ("rss_peak_gib", "VmHWM"))}
 
 
+def _indexed(device: torch.device) -> torch.device:
+    """In the host process (1 GPU) the device is plain "cuda"; the memory-fraction call needs an index."""
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def capped(ctx, *, inner: str, cap_mib: int | None, **args):
     """The loader `inner` with this rank's GPU capped to cap_mib first (None: uncapped)."""
     if ctx.device.type == "cuda":
+        dev = _indexed(ctx.device)
         if cap_mib:
-            total = torch.cuda.get_device_properties(ctx.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(cap_mib * (1 << 20) / total, ctx.device)
-        torch.cuda.reset_peak_memory_stats(ctx.device)
+            total = torch.cuda.get_device_properties(dev).total_memory
+            torch.cuda.set_per_process_memory_fraction(cap_mib * (1 << 20) / total, dev)
+        torch.cuda.reset_peak_memory_stats(dev)
     return models.LOADERS[inner].fn(ctx, **args)
 
 
@@ -78,7 +84,7 @@ def report(ctx, model) -> dict:
     """This rank's memory since the previous report; resets the peaks."""
     out = {"rank": ctx.comm.rank, **_host_memory()}
     if ctx.device.type == "cuda":
-        dev = ctx.device
+        dev = _indexed(ctx.device)
         torch.cuda.synchronize(dev)
         out.update(peak_allocated_gib=torch.cuda.max_memory_allocated(dev) / GiB,
                    peak_reserved_gib=torch.cuda.max_memory_reserved(dev) / GiB,
