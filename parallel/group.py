@@ -310,8 +310,8 @@ class WorkerGroup:
                                                    f"the cancel"))
                 raise Cancelled(*progress)
             if time.monotonic() - heard > self.stall_timeout_s:
-                raise self._stop_stuck(f"{what} made no progress for {self.stall_timeout_s:g} s (no progress "
-                                       f"event, no reply)")
+                raise self._stop_stuck(f"no progress in {what} for {self.stall_timeout_s:g} s (no progress event, "
+                                       f"no reply)")
             message = self._receive()
             if message is None:
                 continue

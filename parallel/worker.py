@@ -115,7 +115,11 @@ class Worker:
         except Cancelled as exc:
             return ("cancelled", exc.step, exc.total)
         except MainRankError as exc:
-            return ("error", str(exc))
+            message = str(exc)
+        # Out of the except block the failed stage's frames are gone: hand their memory back (after an
+        # out-of-memory error, a smaller request must find it free).
+        self._unload([])
+        return ("error", message)
 
     def _load(self, key: str, loader: str, args: dict[str, Any]) -> None:
         self._unload([key])  # a replaced model's memory must be free before its successor loads
