@@ -6,6 +6,7 @@ degree 1 and every collective is the identity, so stages run unchanged without a
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 
@@ -72,8 +73,7 @@ class Comm:
             return True
         if ranks not in self._made:
             pg = dist.new_group(list(ranks))
-            self._made[ranks] = (pg, dist.new_group(list(ranks), backend="gloo")
-                                 if dist.get_backend() != "gloo" else pg)
+            self._made[ranks] = (pg, dist.new_group(list(ranks), backend="gloo"))
         if self.rank not in ranks:
             return False
         self._groups[name] = (self._made[ranks][0], list(ranks))
@@ -103,8 +103,9 @@ class Comm:
                 if self.rank in group_ranks:
                     self._groups[name] = (group, group_ranks)
         self._groups["world"] = (None, list(ranks))
-        # Python objects travel over gloo even when tensors go over NCCL.
-        self._object_group = dist.new_group(list(ranks), backend="gloo") if dist.get_backend() != "gloo" else None
+        # Python objects travel over gloo even when tensors go over NCCL, and over a group of their own on CPU too:
+        # a rank that left a stage by raising must not meet its peers' tensor collectives in its object ones.
+        self._object_group = dist.new_group(list(ranks), backend="gloo")
 
     # -- objects (CPU, world): requests, AR results, cancel decisions ------------------------------------------
     def broadcast_object(self, obj: Any, src: int = 0, group: str = "world") -> Any:
@@ -149,6 +150,21 @@ class Comm:
         out: list[Any] = [None] * self.group_size(group)
         dist.all_gather_object(out, obj, group=self._object_groups.get(group, self._object_group))
         return out
+
+    def all_gather_int(self, value: int, timeout_s: float | None = None) -> list[int]:
+        """Every rank's `value`, in rank order. With timeout_s, RuntimeError when a rank has not joined within it
+        (it is stuck elsewhere, e.g. in a collective this rank left by raising); this rank's groups are unusable
+        from then on."""
+        if not self.distributed or self.world_size == 1:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.int64)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        work = dist.all_gather(out, mine, group=self._object_group, async_op=True)
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+        return [int(t) for t in out]
 
     def barrier(self) -> None:
         """Returns once every rank has called it; fails where a rank has died (over gloo: an idle rank waits in it
