@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from . import wire
+from . import versions, wire
 from .layout import Layout
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,8 @@ class Comm:
         group calls it. Where the GPUs cannot map each other's memory, all_reduce stays on NCCL; returns which."""
         if self.group_size(group) == 1 or self.device.type != "cuda" or (group, dtype) in self._small_all_reduce:
             return (group, dtype) in self._small_all_reduce
+        if not versions.SYMMETRIC_MEMORY.available():  # the same torch on every member: all stay on NCCL
+            return False
         import torch.distributed._symmetric_memory as symm_mem
 
         name = self._process_group(group).group_name
