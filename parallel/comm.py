@@ -14,14 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from . import wire
+from . import versions, wire
 from .layout import Layout
 
 log = logging.getLogger(__name__)
 
 # Sums up to this size go through symmetric memory where enabled: one kernel that reads every member's copy over
-# NVLink. For a one-token decode step's 8 KB on H200s it took the 4-GPU AR from 4.6 to 3.9 ms/token; on 2 GPUs it
-# measured 14.5 us per sum against NCCL's 12.6 (bench/results/glm_ar_h200x2_gemv.json, *_sync_free_sampling.json)
+# NVLink, faster than NCCL for a one-token decode step's 8 KB on 4 H200s (bench/README.md, GLM-Image's AR)
 SMALL_ALL_REDUCE_BYTES = 256 * 1024
 
 
@@ -213,6 +212,8 @@ class Comm:
         group calls it. Where the GPUs cannot map each other's memory, all_reduce stays on NCCL; returns which."""
         if self.group_size(group) == 1 or self.device.type != "cuda" or (group, dtype) in self._small_all_reduce:
             return (group, dtype) in self._small_all_reduce
+        if not versions.SYMMETRIC_MEMORY.available():  # the same torch on every member: all stay on NCCL
+            return False
         import torch.distributed._symmetric_memory as symm_mem
 
         name = self._process_group(group).group_name

@@ -42,7 +42,7 @@ from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, GlmI
 
 from ...parallel import Cancelled, Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from .. import checks, fp8, loading, weights
+from .. import checks, fp8, internals, loading, weights
 from .. import offload as offloading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
@@ -196,6 +196,8 @@ def ar_placement(ar: str, device_type: str, world_size: int, text_config) -> tup
         return 1, "GLM-Image AR: on the one rank"
     if ar == "rank0" or (ar == "auto" and device_type != "cuda"):
         return 1, f"GLM-Image AR: on rank 0 alone (ar={ar}), which sends its tokens to the other {world_size - 1}"
+    if not internals.FAST_AR.available():  # tensor parallel runs only in the fast decoding loop
+        return 1, "GLM-Image AR: on rank 0 alone: its tensor-parallel loop is off with this transformers (warned why)"
     n = largest_ar_split(text_config, world_size)
     if n == 1:
         return 1, (f"GLM-Image AR: on rank 0 alone: its decoder splits over no group of 2 to {world_size} {unit} "
