@@ -44,6 +44,8 @@ def free_memory(device: torch.device) -> int | None:
     the host frees nothing there)."""
     if device.type != "cuda":
         return None
+    if device.index is None:  # the 1-GPU path runs in the host process on plain "cuda"; the cap query needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
     cap = int(torch.cuda.get_per_process_memory_fraction(device) * total)
