@@ -202,33 +202,3 @@ def test_the_example_workflow_runs_and_equals_the_graph_without_our_node(server,
         latents[tag] = load_file(server.output_dir / item["subfolder"] / item["filename"])["latent_tensor"]
     assert (latents["ours"] - latents["native"]).abs().max() <= LATENT_TOLERANCE
 
-
-def test_our_own_nodes_take_the_same_lora(server, ours):
-    """Z-Image LoRA (parallel) on our split-files loader: the LoRA file, read by ComfyUI's own LoRA loading, changes
-    our Denoise's output; at strength 0 the output is the base weights' exactly (tests/test_comfyui_model.py checks
-    the values against merged weights)."""
-    loader = {"class_type": "PDZImageFilesLoader", "inputs": {
-        "transformer": NAMES["diffusion_models"], "text_encoder": NAMES["text_encoders"], "vae": NAMES["vae"],
-        "gpus": 2, "cfg_parallel": False, "device": "cpu"}}
-    prompt = {"loader": loader,
-              "encode": {"class_type": "PDZImageTextEncode", "inputs": {"model": ["loader", 0], "prompt": "a red cat",
-                                                                        "negative_prompt": ""}}}
-    for name, strength in (("base", None), ("lora", 0.7), ("zero", 0.0)):
-        model = ["loader", 0]
-        if strength is not None:
-            prompt[f"{name}_lora"] = {"class_type": "PDZImageLoRA", "inputs": {
-                "model": ["loader", 0], "lora_name": comfyui_files.LORA_NAME, "strength_model": strength}}
-            model = [f"{name}_lora", 0]
-        prompt[f"{name}_denoise"] = {"class_type": "PDZImageDenoise", "inputs": {
-            "model": model, "conditioning": ["encode", 0], "seed": 0, "steps": STEPS, "guidance": 0.0,
-            "width": SQUARE[0], "height": SQUARE[1], "batch_size": 1}}
-        prompt[f"{name}_save"] = {"class_type": "SaveLatent", "inputs": {
-            "samples": [f"{name}_denoise", 0], "filename_prefix": f"drop_in/own_{name}"}}
-    entry, _ = server.run(prompt, timeout=PROMPT_TIMEOUT)
-    assert entry["status"]["status_str"] == "success", server.log_tail(60)
-    out = {}
-    for name in ("base", "lora", "zero"):
-        (item,) = entry["outputs"][f"{name}_save"]["latents"]
-        out[name] = load_file(server.output_dir / item["subfolder"] / item["filename"])["latent_tensor"]
-    assert (out["lora"] - out["base"]).abs().max() > 100 * LATENT_TOLERANCE
-    assert torch.equal(out["zero"], out["base"])
