@@ -40,6 +40,14 @@ def client_for(runner, dit_file, key="dit") -> DiTClient:
     return DiTClient(lambda stage, inputs: runner.run(stage, key, inputs))
 
 
+def recording_client(runner, dit_file) -> tuple[DiTClient, list[dict]]:
+    """A client whose every request is also kept, to see what travelled."""
+    client, sent = client_for(runner, dit_file), []
+    run = client.run
+    client.run = lambda stage, request: sent.append(request) or run(stage, request)
+    return client, sent
+
+
 def inputs(size, batch=1, seed=0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 16, *size, generator=gen)
@@ -129,10 +137,7 @@ def merged(dit_file, patches: list[LoRAPatch]) -> dict[str, torch.Tensor]:
 
 def test_lora_equals_merging_it_and_a_new_strength_sends_only_scales(dit_file):
     runner = LocalRunner(models)
-    client = client_for(runner, dit_file)
-    sent = []
-    run = client.run
-    client.run = lambda stage, request: sent.append(request) or run(stage, request)
+    client, sent = recording_client(runner, dit_file)
     x, sigma, cond, uncond = inputs(SIZES["portrait"], batch=2)
     (base,) = client.predict(x, sigma, [cond], [])
     for strength in (0.7, -0.4):
@@ -160,10 +165,7 @@ def test_lora_equals_merging_it_and_a_new_strength_sends_only_scales(dit_file):
 
 def test_captions_are_sent_once_and_a_lost_state_is_sent_again(dit_file):
     runner = LocalRunner(models)
-    client = client_for(runner, dit_file)
-    sent = []
-    run = client.run
-    client.run = lambda stage, request: sent.append(request) or run(stage, request)
+    client, sent = recording_client(runner, dit_file)
     x, sigma, cond, uncond = inputs(SIZES["square"])
     first = client.predict(x, sigma, [cond, uncond], [])
     second = client.predict(x, sigma, [cond, uncond], [])

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from test_worker_group import gone  # noqa: E402
+
 from comfyui_parallel_diffusion.parallel import Cancelled, Layout, WorkerError, WorkerGroup, get_runner, release
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -30,12 +32,6 @@ def pids(group) -> list[int]:
     return [s["pid"] for s in group.run("state", None, {}, collect="all")]
 
 
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def assert_fresh_group_serves(group, before: list[int]) -> None:
