@@ -47,14 +47,16 @@ class GlmImageLoader(LoaderBase):
     @classmethod
     def INPUT_TYPES(cls):
         inputs = loader_inputs(PIPELINE, "GLM-Image")
-        # optional: workflows saved before it existed still load, with the default
-        inputs["optional"]["ar"] = (list(AR_PLACEMENTS), {
+        # optional, and first of them: the frontend restores widgets by position, and workflows saved with 'ar'
+        # predate offload and weight_dtype
+        inputs["optional"] = {"ar": (list(AR_PLACEMENTS), {
             "default": "auto",
             "tooltip": "Where the autoregressive model runs. auto: tensor parallel on several CUDA GPUs (each "
                        "holds a slice and reads it per token: faster), over the largest GPU count its 32 heads "
                        "and FFN split over evenly (1, 2, 4, 8, ...; the other GPUs wait); the first GPU on the "
                        "CPU. rank0: the first GPU alone holds all of it (about 20 GB more there, less on the "
-                       "others). tensor_parallel: as auto, on the CPU too."})
+                       "others). tensor_parallel: as auto, on the CPU too."}),
+            **inputs["optional"]}
         return inputs
 
     def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, ar: str = "auto", offload: str = "auto",
