@@ -191,6 +191,15 @@ def compare_images(runs: list[dict], images: Path) -> None:
                                                "psnr_db": None if mse == 0 else round(10 * math.log10(1 / mse), 2)}
 
 
+def write_results(out: Path, model: str, gpus: int, scale: str, device: str, runs: list) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "what": __doc__.split("\n\n")[0], "model": model, "gpus": gpus, "scale": scale,
+        "context_mib": CONTEXT_MIB, "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.node(),
+        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "runs": runs}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["zimage", "glm_image"], required=True)
@@ -234,13 +243,9 @@ def main() -> None:
             runs.append(run)
             print(f"{args.model} {args.gpus} GPU(s) {config} cap {cap}: {'ok' if run['ok'] else run['error'][:200]} "
                   f"({run['wall_s']} s)", file=sys.stderr, flush=True)
+            write_results(args.out, args.model, args.gpus, scale, device, runs)  # a killed invocation keeps these
     compare_images(runs, images)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "what": __doc__.split("\n\n")[0], "model": args.model, "gpus": args.gpus, "scale": scale,
-        "context_mib": CONTEXT_MIB, "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.node(),
-        "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "runs": runs}, indent=1))
+    write_results(args.out, args.model, args.gpus, scale, device, runs)
     print(f"wrote {args.out}", file=sys.stderr)
 
 
