@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from ..parallel import Layout
 from ..parallel.pool import get_runner, release
 from . import checks, pipelines
-from .glm_image import stages as glm_image_stages
+from .glm_image import model as glm_image_model
 from .zimage import comfyui_files as zimage_files
 
 DEMO_CACHE = Path.home() / ".cache" / "comfyui-parallel-diffusion" / "tiny"
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_guidance, default=None, help="default: the model's own")
     gen.add_argument("--seed", type=_integer(0, checks.MAX_SEED), default=0)
     _add_layout_args(gen)
-    gen.add_argument("--ar", choices=glm_image_stages.AR_PLACEMENTS, default=None,
+    gen.add_argument("--ar", choices=glm_image_model.AR_PLACEMENTS, default=None,
                      help="GLM-Image only: where its AR model runs. auto (default): tensor parallel over the "
                           "largest GPU count it splits over evenly (1, 2, 4, 8...) on several CUDA GPUs, else rank "
                           "0; rank0: rank 0 alone; tensor_parallel: as auto, on the CPU too")
@@ -122,8 +122,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--ar applies to GLM-Image only (Z-Image has no AR model)")
     if family is pipelines.glm_image:
         source["ar"] = args.ar or "auto"
-        placement = glm_image_stages.ar_placement(source["ar"], args.device, args.world_size,
-                                                  glm_image_stages.ar_text_config(source["path"]))[1]
+        placement = glm_image_model.ar_placement(source["ar"], args.device, args.world_size,
+                                                 glm_image_model.ar_text_config(source["path"]))[1]
         print(placement, file=sys.stderr)
     runner = _runner(args)
     started = time.perf_counter()
