@@ -424,3 +424,56 @@ def test_tensor_parallel_ar_equals_single_process(tiny_glm_image, local, single,
         _cancel_while_sampling_stops_every_rank(group, single)
     finally:
         group.close()
+
+
+def test_attention_processor_equals_diffusers():
+    """The processor the stages install (its attention call is the one sequence parallelism takes over) gives
+    diffusers' GlmImageAttnProcessor's result exactly: glyph mask, image rotary tables, and the condition-image KV
+    cache written, read and skipped. If diffusers changes its processor, this fails."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_glm_image import GlmImageAttnProcessor, GlmImageLayerKVCache
+
+    from comfyui_parallel_diffusion.models.glm_image.attention import SequenceParallelAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=4, dim_head=8, out_dim=32, bias=True, qk_norm="layer_norm",
+                     elementwise_affine=False, eps=1e-5, processor=GlmImageAttnProcessor()).eval()
+    text, image = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    rope = (torch.randn(12, 8), torch.randn(12, 8))
+    mask = torch.ones(2, 5)
+    mask[1, :2] = 0
+    condition = torch.randn(1, 12, 32)
+
+    def run():
+        cache = GlmImageLayerKVCache()
+        cache.mode = "write"
+        outs = [attn(condition, encoder_hidden_states=text[:1, :0], image_rotary_emb=rope, kv_cache=cache)]
+        for mode in ("read", "skip"):
+            cache.mode = mode
+            outs.append(attn(image, encoder_hidden_states=text, image_rotary_emb=rope, kv_cache=cache))
+        outs.append(attn(image, encoder_hidden_states=text, attention_mask=mask, image_rotary_emb=rope))
+        return [t for pair in outs for t in pair]
+
+    with torch.no_grad():
+        expected = run()
+        attn.set_processor(SequenceParallelAttnProcessor())
+        got = run()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_processors_are_replaced_or_refused(tiny_glm_image):
+    """Every attention module of the DiT gets the project's processor; one holding a processor the project does not
+    follow is refused, not left to attend over its own shard only."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from comfyui_parallel_diffusion.models import loading
+    from comfyui_parallel_diffusion.models.glm_image.attention import (SequenceParallelAttnProcessor,
+                                                                      use_sequence_parallel_attention)
+
+    transformer = loading.load_component(tiny_glm_image, "transformer", torch.float32, torch.device("cpu"))
+    use_sequence_parallel_attention(transformer)
+    processors = [b.attn1.processor for b in transformer.transformer_blocks]
+    assert processors and all(isinstance(p, SequenceParallelAttnProcessor) for p in processors)
+    transformer.transformer_blocks[0].attn1.set_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match="AttnProcessor2_0"):
+        use_sequence_parallel_attention(transformer)

@@ -19,6 +19,7 @@ from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from . import ar_decode
 from .ar import ar_comm, ar_request
+from .attention import use_sequence_parallel_attention
 from .plan import apply_ar_tensor_parallel, apply_sequence_parallel, largest_ar_split
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,11 @@ def load_processor(path: str) -> GlmImageProcessor:
 
 
 def setup_transformer(ctx: StageContext, transformer) -> list:
-    """The loaded DiT as the denoise stage runs it: its sequence-parallel plan installed (returns the hooks), its
-    blocks compiled on CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA the
-    whole call is also replayed as a CUDA graph (GlmImage.predict)."""
+    """The loaded DiT as the denoise stage runs it: the project's attention processor (attention.py) and its
+    sequence-parallel plan installed (returns the hooks), its blocks compiled on CUDA (on CPU compiling costs
+    minutes and saves little; the tests run it eagerly). On CUDA the whole call is also replayed as a CUDA graph
+    (GlmImage.predict)."""
+    use_sequence_parallel_attention(transformer)
     hooks = apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
         compile_blocks(list(transformer.transformer_blocks))
