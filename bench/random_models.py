@@ -145,8 +145,8 @@ def load_zimage_pipeline(ctx, *, scale: str) -> ZImage:
 def load_glm_image(ctx, *, scale: str) -> GlmImage:
     """The DiT, glyph encoder and VAE that prepare/denoise/decode use; the AR model is benchmarked in bench/ar.py."""
     modules = glm_image_modules(scale, ctx.device, ctx.dtype)
-    sp_hooks = glm_model.setup_transformer(ctx, modules["transformer"])
-    return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER), sp_hooks=sp_hooks)
+    glm_model.setup_transformer(ctx, modules["transformer"])
+    return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER))
 
 
 def load_glm_image_pipeline(ctx, *, scale: str, ar: str = "auto") -> GlmImage:

@@ -101,12 +101,11 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=_integer(1), default=1, help="ranks (one per GPU with --device cuda)")
     parser.add_argument("--cfg-parallel", action="store_true", help="guidance branches on two rank groups")
     parser.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the rest of the world)")
-    parser.add_argument("--ring", type=int, default=1, help="ring degree")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _runner(args: argparse.Namespace):
-    layout = Layout.for_world(args.world_size, cfg=2 if args.cfg_parallel else 1, ring=args.ring,
+    layout = Layout.for_world(args.world_size, cfg=2 if args.cfg_parallel else 1,
                               ulysses=args.ulysses)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     return get_runner(layout, args.device, dtype)

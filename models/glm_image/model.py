@@ -40,7 +40,6 @@ class GlmImage:
     vision_language_encoder: Any = None  # GlmImageForConditionalGeneration: rank 0, or every rank's shard
     processor: Any = None  # GlmImageProcessor, where the AR runs
     ar_tensor_parallel: bool = False  # the AR is sharded over ar_decode.TP_GROUP
-    sp_hooks: list = field(default_factory=list)
     # The denoising loop's DiT call, per guidance branch (False: conditional, True: prior tokens dropped); on CUDA
     # each is replayed as its own CUDA graph (the branches' glyph lengths differ, and a GraphedCall keeps one graph)
     predict: dict[bool, Callable[..., torch.Tensor]] = field(init=False, repr=False)
@@ -65,14 +64,13 @@ def load(ctx: StageContext, path: str, ar: str = "auto") -> GlmImage:
     if scheduler_config.get("stochastic_sampling"):
         raise loading.ModelFolderError(f"{path}: a stochastic-sampling scheduler is not supported")
     transformer = loading.load_component(path, "transformer", dtype, dev).eval()
-    sp_hooks = setup_transformer(ctx, transformer)
+    setup_transformer(ctx, transformer)
     model = GlmImage(
         transformer=transformer,
         text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval(),
         tokenizer=loading.load_component(path, "tokenizer"),
         vae=loading.load_component(path, "vae", dtype, dev).eval(),
         scheduler_config=scheduler_config,
-        sp_hooks=sp_hooks,
     )
     model.ar_tensor_parallel = ar_ranks > 1
     if ctx.is_main:
@@ -102,16 +100,15 @@ def load_processor(path: str) -> GlmImageProcessor:
     return processor
 
 
-def setup_transformer(ctx: StageContext, transformer) -> list:
+def setup_transformer(ctx: StageContext, transformer) -> None:
     """The loaded DiT as the denoise stage runs it: the project's attention processor (attention.py) and its
-    sequence-parallel plan installed (returns the hooks), its blocks compiled on CUDA (on CPU compiling costs
+    sequence-parallel plan installed, its blocks compiled on CUDA (on CPU compiling costs
     minutes and saves little; the tests run it eagerly). On CUDA the whole call is also replayed as a CUDA graph
     (GlmImage.predict)."""
     use_sequence_parallel_attention(transformer)
-    hooks = apply_sequence_parallel(transformer, ctx.comm)
+    apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
         compile_blocks(list(transformer.transformer_blocks))
-    return hooks
 
 
 def ar_text_config(path: str):

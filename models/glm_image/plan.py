@@ -36,15 +36,14 @@ BLOCK = BlockSpec(
 CACHE_VALID = "_sequence_parallel_key_valid"  # on layer 0's GlmImageLayerKVCache: per write, per SP rank
 
 
-def apply_sequence_parallel(transformer, comm: Comm) -> list:
-    """Install the plan on a loaded GlmImageTransformer2DModel (a no-op on one SP rank); returns hook handles."""
+def apply_sequence_parallel(transformer, comm: Comm) -> None:
+    """Install the plan on a loaded GlmImageTransformer2DModel (a no-op on one SP rank)."""
     if comm.layout.sp == 1:
-        return []
+        return
     blocks = list(transformer.transformer_blocks)
-    handles = shard_blocks(blocks, comm, BLOCK)
+    shard_blocks(blocks, comm, BLOCK)
     # Registered after shard_blocks' entry hook, so the region it opens is active when this runs.
-    handles.append(blocks[0].register_forward_pre_hook(_condition_cache_keys, with_kwargs=True))
-    return handles
+    blocks[0].register_forward_pre_hook(_condition_cache_keys, with_kwargs=True)
 
 
 def _condition_cache_keys(module, args, kwargs):
