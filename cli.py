@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ..parallel import Layout
-from ..parallel.pool import get_runner, release
-from . import checks, pipelines
-from .glm_image import model as glm_image_model
-from .zimage import comfyui_files as zimage_files
+from .models import checks, pipelines
+from .models.glm_image import model as glm_image_model
+from .models.zimage import comfyui_files as zimage_files
+from .parallel import Layout
+from .parallel.pool import get_runner, release
 
 DEMO_CACHE = Path.home() / ".cache" / "comfyui-parallel-diffusion" / "tiny"
 
