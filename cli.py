@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from .models import checks, pipelines
+from .models import checks, fp8, offload, pipelines
 from .models.glm_image import model as glm_image_model
 from .models.zimage import comfyui_files as zimage_files
 from .parallel import Layout
@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="GLM-Image only: where its AR model runs. auto (default): tensor parallel over the "
                           "largest GPU count it splits over evenly (1, 2, 4, 8...) on several CUDA GPUs, else rank "
                           "0; rank0: rank 0 alone; tensor_parallel: as auto, on the CPU too")
+    gen.add_argument("--offload", choices=offload.MODES, default="auto",
+                     help="whether weights only some stages use (text encoder or AR model, DiT) take turns on the "
+                          "GPU, waiting in pinned host memory between them (same images). auto (default): where the "
+                          "free GPU memory does not hold them all; resident: never; offload: always")
+    gen.add_argument("--weight-dtype", choices=fp8.WEIGHT_DTYPES, default="default",
+                     help="fp8_e4m3fn: the DiT's (and GLM-Image's AR decoder's) Linear weights stored in fp8 and "
+                          "computed in bf16, as ComfyUI's weight_dtype: about half their memory")
     gen.add_argument("--out", type=Path, default=Path("image.png"))
     gen.add_argument("--latents-out", type=Path, default=None,
                      help="also save the final latents (key 'latents'), as diffusers' output_type='latent'")
@@ -113,6 +120,7 @@ def _runner(args: argparse.Namespace):
 
 def _generate(args: argparse.Namespace) -> int:
     family, loader, source = _source(args)
+    source.update(offload=args.offload, weight_dtype=args.weight_dtype)
     values = {"height": args.height, "width": args.width,
               "steps": family.DEFAULT_STEPS if args.steps is None else args.steps,
               "guidance": family.DEFAULT_GUIDANCE if args.guidance is None else args.guidance, "seed": args.seed}

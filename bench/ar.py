@@ -168,6 +168,7 @@ def _rank_main(rank: int, args) -> None:
         if main_rank:
             print(f"tensor-parallel x{args.tp}: sharding, compiling, measuring", flush=True)
         model.__dict__.pop(ar_decode._ATTR, None)
+        comm.make_group(ar_decode.TP_GROUP, range(args.tp))  # the group the plan shards over (all ranks)
         glm_plan.apply_ar_tensor_parallel(model, comm)
         decoder = ar_decode.FastDecoder(model, comm=comm, **compile_options)
         bench = _Bench(model, decoder, inputs, args, device)
@@ -348,6 +349,7 @@ def _exactness(args, processor, tokenizer, device, comm=None) -> dict:
         out["compile_errors"] = decoder.compile_errors
     if comm is not None:
         comm.all_gather_object(None)
+        comm.make_group(ar_decode.TP_GROUP, range(args.tp))  # the group the plan shards over (all ranks)
         glm_plan.apply_ar_tensor_parallel(model, comm)
         decoder = ar_decode.FastDecoder(model, comm=comm, **options)
         bench = _Bench(model, decoder, inputs, args, device)

@@ -1,6 +1,8 @@
 """Installing the project's attention processors through diffusers' processor API (Attention.set_processor)."""
 from __future__ import annotations
 
+from . import internals
+
 
 def replace_processors(transformer, library_processor: type, processor) -> None:
     """Give every attention module of `transformer` the project's `processor` in place of diffusers'
@@ -16,3 +18,11 @@ def replace_processors(transformer, library_processor: type, processor) -> None:
                            f"processor ({type(processor).__name__}) follows that one and needs updating")
     for module in modules:
         module.set_processor(processor)
+
+
+def check_sequence_parallel(model: str) -> None:
+    """Refuse to shard `model`'s DiT where the project's processors may no longer follow diffusers' (the gate
+    warns why): each rank would attend as a copy of an older processor does."""
+    if not internals.SEQUENCE_PARALLEL_ATTENTION.available():
+        raise RuntimeError(f"{model}: sequence parallelism is off with this diffusers (warned why); "
+                           f"{internals.SEQUENCE_PARALLEL_ATTENTION.fallback}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,27 @@ def header(file) -> dict[str, TensorInfo]:
     return infos
 
 
+def holds(file, probes: dict[str, torch.Tensor], prefix: str = "") -> bool:
+    """Whether the file's tensors of these names (or prefix + name) equal `probes`, compared in the probes' dtype
+    (a model loaded in a narrower dtype than its file still matches); only those tensors are read."""
+    try:
+        infos = header(file)
+    except WeightsError:
+        return False
+    names = {name: name if name in infos else prefix + name for name in probes}
+    if any(infos.get(stored) is None or infos[stored].shape != tuple(probes[name].shape)
+           for name, stored in names.items()):
+        return False
+    with Path(file).open("rb") as f:
+        for name, stored in names.items():
+            info, probe = infos[stored], probes[name]
+            f.seek(info.start)
+            value = torch.frombuffer(bytearray(f.read(info.end - info.start)), dtype=info.dtype).reshape(info.shape)
+            if not torch.equal(value.to(probe.dtype), probe.cpu()):
+                return False
+    return True
+
+
 def headers(files: Iterable) -> dict[str, TensorInfo]:
     """The tensors of several files (shards of one model); a name in two files is refused."""
     merged: dict[str, TensorInfo] = {}
@@ -81,6 +103,12 @@ def headers(files: Iterable) -> dict[str, TensorInfo]:
                 raise WeightsError(f"{info.file} and {merged[name].file} both hold tensor {name}")
             merged[name] = info
     return merged
+
+
+def nbytes(infos: dict[str, TensorInfo], dtype: torch.dtype) -> int:
+    """What the tensors take once loaded, floating-point ones in `dtype` (as fill casts them)."""
+    return sum(math.prod(t.shape) * (dtype.itemsize if t.dtype.is_floating_point else t.dtype.itemsize)
+               for t in infos.values())
 
 
 READ_AHEAD = 4  # staging buffers, each filled by a reader thread while the one before is copied out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from ..models import fp8, offload
 from ..models.loading import inspect_model_folder
 from . import runtime
 from .model_folders import list_model_folders, model_folder_path
@@ -19,7 +20,8 @@ def loader_inputs(pipeline: str, family: str) -> dict:
                            f"ComfyUI's models/diffusers, or a diffusers path of extra_model_paths.yaml. Only "
                            f"folders whose model_index.json names {pipeline} are listed."}),
             **layout_inputs(),
-        }
+        },
+        "optional": memory_inputs(),
     }
 
 
@@ -43,16 +45,35 @@ def layout_inputs() -> dict:
     }
 
 
+def memory_inputs() -> dict:
+    """How a loader's weights use GPU memory; optional, so workflows saved before these existed load as before."""
+    return {
+        "offload": (list(offload.MODES), {
+            "default": "auto",
+            "tooltip": "Whether weights that only some steps use (the text encoder or AR model, the diffusion "
+                       "model) take turns on the GPU, waiting in the computer's memory between them; same "
+                       "images, some seconds per prompt for the copies. auto: only where the GPUs' free memory "
+                       "does not hold all of them (the server log says which). resident: all stay on the GPUs."}),
+        "weight_dtype": (list(fp8.WEIGHT_DTYPES), {
+            "default": "default",
+            "tooltip": "fp8_e4m3fn: the diffusion model's (and GLM-Image's AR model's) weights stored in 8 bits, "
+                       "computed in bf16, as ComfyUI's weight_dtype of that name: about half their GPU memory, "
+                       "images close to but not equal to default's. default: as the files hold them, in bf16."}),
+    }
+
+
 class LoaderBase:
     """A loader node: checks the folder, starts (or reuses) the worker group and loads the model on it."""
     RUNTIME_LOADER = ""  # "zimage" / "glm_image"
     PIPELINE = ""  # the diffusers class model_index.json must name
     FUNCTION = "load"
 
-    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str):
+    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, offload: str = "auto",
+             weight_dtype: str = "default"):
         with runtime.user_errors():
             path = model_folder_path(model)
-        return (runtime.load_model(self.RUNTIME_LOADER, {"path": path}, gpus, cfg_parallel, device,
+        return (runtime.load_model(self.RUNTIME_LOADER, {"path": path, "offload": offload,
+                                                         "weight_dtype": weight_dtype}, gpus, cfg_parallel, device,
                                    lambda: inspect_model_folder(path, self.PIPELINE)),)
 
 

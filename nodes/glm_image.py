@@ -47,20 +47,24 @@ class GlmImageLoader(LoaderBase):
     @classmethod
     def INPUT_TYPES(cls):
         inputs = loader_inputs(PIPELINE, "GLM-Image")
-        # optional: workflows saved before it existed still load, with the default
+        # optional, and first of them: the frontend restores widgets by position, and workflows saved with 'ar'
+        # predate offload and weight_dtype
         inputs["optional"] = {"ar": (list(AR_PLACEMENTS), {
             "default": "auto",
             "tooltip": "Where the autoregressive model runs. auto: tensor parallel on several CUDA GPUs (each "
                        "holds a slice and reads it per token: faster), over the largest GPU count its 32 heads "
                        "and FFN split over evenly (1, 2, 4, 8, ...; the other GPUs wait); the first GPU on the "
                        "CPU. rank0: the first GPU alone holds all of it (about 20 GB more there, less on the "
-                       "others). tensor_parallel: as auto, on the CPU too."})}
+                       "others). tensor_parallel: as auto, on the CPU too."}),
+            **inputs["optional"]}
         return inputs
 
-    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, ar: str = "auto"):
+    def load(self, model: str, gpus: int, cfg_parallel: bool, device: str, ar: str = "auto", offload: str = "auto",
+             weight_dtype: str = "default"):
         with runtime.user_errors():
             path = model_folder_path(model)
-        handle = runtime.load_model(self.RUNTIME_LOADER, {"path": path, "ar": ar}, gpus, cfg_parallel, device,
+        source = {"path": path, "ar": ar, "offload": offload, "weight_dtype": weight_dtype}
+        handle = runtime.load_model(self.RUNTIME_LOADER, source, gpus, cfg_parallel, device,
                                     lambda: inspect_model_folder(path, self.PIPELINE))
         placement = ar_placement(ar, handle.device, handle.layout.world_size, ar_text_config(path))[1]
         log.info("parallel_diffusion: %s", placement)

@@ -9,6 +9,7 @@ started again and the model loaded again, transparently.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -18,7 +19,9 @@ from typing import Any, Callable
 
 import comfy.model_management as mm
 import comfy.utils
+import folder_paths
 import torch
+from comfy_execution.utils import get_executing_context
 
 from ..models.loading import ModelFolderError
 from ..parallel import Cancelled, Layout, LayoutError, WorkerError, pool
@@ -50,6 +53,7 @@ class ModelHandle:
     layout: Layout
     device: str  # "cuda" or "cpu"
     dtype: torch.dtype
+    loras: tuple[tuple[str, float], ...] = ()  # (LoRA file name, strength) of the Z-Image LoRA nodes, in order
 
     @property
     def key(self) -> str:
@@ -58,6 +62,11 @@ class ModelHandle:
     def describe(self) -> str:
         files = ", ".join(os.path.basename(value) for _, value in self.source)
         return f"{files} on {self.layout.describe()}, {self.device}"
+
+
+def with_lora(handle: ModelHandle, name: str, strength: float) -> ModelHandle:
+    """The same loaded model with one more LoRA: applied by the stages that take one, per request."""
+    return dataclasses.replace(handle, loras=handle.loras + ((name, strength),))
 
 
 def resolve_device(device: str) -> str:
@@ -90,7 +99,9 @@ def load_model(loader: str, source: dict[str, str], gpus: int, cfg_parallel: boo
 def runner_for(handle: ModelHandle):
     """The pool's runner for the handle's layout, with the handle's model loaded (a no-op when it already is)."""
     with user_errors(f"loading {handle.describe()}", any_error=True):
-        runner = pool.get_runner(handle.layout, handle.device, handle.dtype)
+        # a failed group's logs are kept in ComfyUI's temp folder (emptied when ComfyUI starts and exits)
+        runner = pool.get_runner(handle.layout, handle.device, handle.dtype,
+                                 log_dir=os.path.join(folder_paths.get_temp_directory(), "parallel_diffusion_logs"))
         runner.load(handle.key, handle.loader, **dict(handle.source))
     return runner
 
@@ -174,9 +185,12 @@ def user_message(exc: Exception, context: str | None = None) -> str:
 
 def install_release_hook() -> None:
     """ComfyUI has no callback for freeing memory; its prompt worker calls
-    comfy.model_management.unload_all_models() through the module attribute for POST /free, the UI's "Unload
-    models" and after an out-of-memory error. Wrapping it once makes those stop our workers too (their GPUs are
-    invisible to ComfyUI's own memory accounting)."""
+    comfy.model_management.unload_all_models() through the module attribute for POST /free and the UI's "Unload
+    models" (between prompts), after an out-of-memory error and, with --disable-smart-memory, after every prompt.
+    Wrapping it once makes those stop our workers too (their GPUs are invisible to ComfyUI's own memory
+    accounting). A call from inside a node while it runs (another custom node freeing ComfyUI's memory mid-workflow)
+    keeps the group, and logs that: it asks ComfyUI to unload ComfyUI's models, and stopping the workers each time
+    would cost our next node a restart and a reload (30-45 s)."""
     original = mm.unload_all_models
     if getattr(original, "_parallel_diffusion_release", False):
         return
@@ -185,8 +199,13 @@ def install_release_hook() -> None:
         try:
             return original(*args, **kwargs)
         finally:
+            node = get_executing_context()
             try:
-                pool.release()
+                if node is not None:
+                    log.info("parallel_diffusion: node %s called unload_all_models() while it ran; the worker group "
+                             "stays (Unload Models or /free stops it)", node.node_id)
+                else:
+                    pool.release()
             except Exception:  # noqa: BLE001 - freeing must never break ComfyUI's own unloading
                 log.exception("parallel_diffusion: releasing the worker group failed")
 

@@ -6,9 +6,10 @@ from ..models.zimage import pipeline as zimage
 from ..models.zimage import latent_format
 from ..models.zimage.stages import (MAX_SIZE, PIPELINE, SIZE_MULTIPLE, check_inputs, check_latent_shape,
                                     latent_image_size)
-from . import model_files, runtime
+from ..models.zimage.comfyui_model import lora_factors
+from . import lora, model_files, runtime
 from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, layout_inputs, loader_inputs,
-                     seed_input, validation)
+                     memory_inputs, seed_input, validation)
 
 CATEGORY = "parallel_diffusion/Z-Image"
 MODEL = "PD_ZIMAGE"
@@ -56,13 +57,15 @@ class ZImageFilesLoader:
             "vae": (model_files.list_files("vae"), {
                 "tooltip": "The FLUX.1 VAE under models/vae, ae.safetensors."}),
             **layout_inputs(),
-        }}
+        }, "optional": memory_inputs()}
 
-    def load(self, transformer: str, text_encoder: str, vae: str, gpus: int, cfg_parallel: bool, device: str):
+    def load(self, transformer: str, text_encoder: str, vae: str, gpus: int, cfg_parallel: bool, device: str,
+             offload: str = "auto", weight_dtype: str = "default"):
         with runtime.user_errors():
             files = {"transformer": model_files.file_path("diffusion_models", transformer),
                      "text_encoder": model_files.file_path("text_encoders", text_encoder),
                      "vae": model_files.file_path("vae", vae), "tokenizer": model_files.comfyui_tokenizer()}
+        files.update(offload=offload, weight_dtype=weight_dtype)
         inspect = lambda: comfyui_files.inspect_files(files["transformer"], files["text_encoder"], files["vae"])
         return (runtime.load_model(comfyui_files.LOADER.name, files, gpus, cfg_parallel, device, inspect),)
 
@@ -161,13 +164,14 @@ class ZImageDenoise:
                 batch_size, height, width = latent_image_size(init_latents)
             check_inputs(height=height, width=width)
             model.layout.check_branches(2 if guidance > 0 else 1)
+            factors = lora_factors(lora.handle_patches(model)) if model.loras else None
         latents = runtime.run_stage(model, "zimage.prepare",
                                     {"batch": batch_size, "height": height, "width": width, "seed": seed,
                                      "init_latents": init_latents, "strength": denoise, "steps": steps})
         embeds = {name: conditioning[name] * batch_size for name in ("prompt_embeds", "negative_prompt_embeds")}
         latents = runtime.run_stage(model, "zimage.denoise",
                                     {"latents": latents, "steps": steps, "guidance": guidance, "strength": denoise,
-                                     **embeds},
+                                     "lora": factors, **embeds},
                                     node_id=unique_id)
         return ({"samples": latent_format.to_comfy(latents)},)
 

@@ -6,6 +6,7 @@ degree 1 and every collective is the identity, so stages run unchanged without a
 """
 from __future__ import annotations
 
+import datetime
 import logging
 from typing import Any
 
@@ -13,14 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from . import wire
+from . import versions, wire
 from .layout import Layout
 
 log = logging.getLogger(__name__)
 
 # Sums up to this size go through symmetric memory where enabled: one kernel that reads every member's copy over
-# NVLink. For a one-token decode step's 8 KB on H200s it took the 4-GPU AR from 4.6 to 3.9 ms/token; on 2 GPUs it
-# measured 14.5 us per sum against NCCL's 12.6 (bench/results/glm_ar_h200x2_gemv.json, *_sync_free_sampling.json)
+# NVLink, faster than NCCL for a one-token decode step's 8 KB on 4 H200s (bench/README.md, GLM-Image's AR)
 SMALL_ALL_REDUCE_BYTES = 256 * 1024
 
 
@@ -70,8 +70,7 @@ class Comm:
             return True
         if ranks not in self._made:
             pg = dist.new_group(list(ranks))
-            self._made[ranks] = (pg, dist.new_group(list(ranks), backend="gloo")
-                                 if dist.get_backend() != "gloo" else pg)
+            self._made[ranks] = (pg, dist.new_group(list(ranks), backend="gloo"))
         if self.rank not in ranks:
             return False
         self._groups[name] = (self._made[ranks][0], list(ranks))
@@ -100,8 +99,9 @@ class Comm:
                     self._groups[name] = (group, group_ranks)
         self._groups["sp"] = self._groups["ulysses"]  # the sequence is sharded over the Ulysses group alone
         self._groups["world"] = (None, list(ranks))
-        # Python objects travel over gloo even when tensors go over NCCL.
-        self._object_group = dist.new_group(list(ranks), backend="gloo") if dist.get_backend() != "gloo" else None
+        # Python objects travel over gloo even when tensors go over NCCL, and over a group of their own on CPU too:
+        # a rank that left a stage by raising must not meet its peers' tensor collectives in its object ones.
+        self._object_group = dist.new_group(list(ranks), backend="gloo")
 
     # -- objects (CPU, world): requests, AR results, cancel decisions ------------------------------------------
     def broadcast_object(self, obj: Any, src: int = 0, group: str = "world") -> Any:
@@ -146,6 +146,21 @@ class Comm:
         out: list[Any] = [None] * self.group_size(group)
         dist.all_gather_object(out, obj, group=self._object_groups.get(group, self._object_group))
         return out
+
+    def all_gather_int(self, value: int, timeout_s: float | None = None) -> list[int]:
+        """Every rank's `value`, in rank order. With timeout_s, RuntimeError when a rank has not joined within it
+        (it is stuck elsewhere, e.g. in a collective this rank left by raising); this rank's groups are unusable
+        from then on."""
+        if not self.distributed or self.world_size == 1:
+            return [value]
+        mine = torch.tensor([value], dtype=torch.int64)
+        out = [torch.empty_like(mine) for _ in range(self.world_size)]
+        work = dist.all_gather(out, mine, group=self._object_group, async_op=True)
+        if timeout_s is None:
+            work.wait()
+        else:
+            work.wait(datetime.timedelta(seconds=timeout_s))
+        return [int(t) for t in out]
 
     def barrier(self) -> None:
         """Returns once every rank has called it; fails where a rank has died (over gloo: an idle rank waits in it
@@ -194,6 +209,8 @@ class Comm:
         group calls it. Where the GPUs cannot map each other's memory, all_reduce stays on NCCL; returns which."""
         if self.group_size(group) == 1 or self.device.type != "cuda" or (group, dtype) in self._small_all_reduce:
             return (group, dtype) in self._small_all_reduce
+        if not versions.SYMMETRIC_MEMORY.available():  # the same torch on every member: all stay on NCCL
+            return False
         import torch.distributed._symmetric_memory as symm_mem
 
         name = self._process_group(group).group_name
@@ -224,6 +241,14 @@ class Comm:
         if self.group_size(group) == 1:
             return tensor
         return funcol.broadcast(tensor.contiguous(), self._groups[group][1][src], self._process_group(group))
+
+    def broadcast_(self, tensor: torch.Tensor, group: str, src: int = 0) -> None:
+        """Member `src`'s tensor (by group rank) written into `tensor` on every member, in place: for large
+        transfers (offloaded weights coming back), which a second buffer would double."""
+        if self.group_size(group) == 1:
+            return
+        pg, ranks = self._groups[group]
+        dist.broadcast(tensor, src=ranks[src], group=pg)
 
     def _process_group(self, group: str):
         pg, _ = self._groups[group]

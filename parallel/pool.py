@@ -23,16 +23,18 @@ _shape: tuple | None = None
 
 
 def get_runner(layout: Layout, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               plugin: str = DEFAULT_PLUGIN, extra_sys_path: list[str] | None = None) -> LocalRunner | WorkerGroup:
+               plugin: str = DEFAULT_PLUGIN, extra_sys_path: list[str] | None = None,
+               log_dir: str | None = None) -> LocalRunner | WorkerGroup:
+    """log_dir: where a failed worker group's logs are kept (WorkerGroup's default: the temporary directory)."""
     global _runner, _shape
-    shape = (layout, device, dtype, plugin, tuple(extra_sys_path or ()))
+    shape = (layout, device, dtype, plugin, tuple(extra_sys_path or ()), log_dir)
     if _runner is not None and _shape == shape:
         return _runner
     release()
     if layout.world_size == 1:
         _runner = LocalRunner(_import_plugin(plugin), device, dtype)
     else:
-        _runner = WorkerGroup(layout, device, dtype, plugin, extra_sys_path)
+        _runner = WorkerGroup(layout, device, dtype, plugin, extra_sys_path, log_dir)
     _shape = shape
     return _runner
 

@@ -21,6 +21,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -32,7 +33,7 @@ import torch.distributed as dist
 
 from .channel import connect_to_host
 from .comm import Comm
-from .executor import MainRankError, execute
+from .executor import MainRankError, RankFailure, execute
 from .layout import Layout
 from .stage import Cancelled, StageContext
 
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the host decides what happens, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()  # a crash in native code still leaves a traceback in this rank's log
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the host asks where a stuck rank is
     _exit_with_host(config["host_pid"], config["run_dir"])
     try:
         Worker(config, rank).serve()
@@ -113,7 +115,11 @@ class Worker:
         except Cancelled as exc:
             return ("cancelled", exc.step, exc.total)
         except MainRankError as exc:
-            return ("error", str(exc))
+            message = str(exc)
+        # Out of the except block the failed stage's frames are gone: hand their memory back (after an
+        # out-of-memory error, a smaller request must find it free).
+        self._unload([])
+        return ("error", message)
 
     def _load(self, key: str, loader: str, args: dict[str, Any]) -> None:
         self._unload([key])  # a replaced model's memory must be free before its successor loads
@@ -175,13 +181,26 @@ def join_process_group(device: str, rank: int, world_size: int) -> torch.device:
     # The ranks share the machine's cores; each using all of them would oversubscribe it (on GPU hosts too: the
     # CPU-side work of a model then slows every rank down).
     torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+    store = _rendezvous_store(rank, world_size)
     if device == "cuda":
         cuda = torch.device("cuda", rank)  # one host: the local rank is the rank
         torch.cuda.set_device(cuda)
-        dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=cuda)
+        dist.init_process_group("nccl", store=store, rank=rank, world_size=world_size, device_id=cuda)
         return cuda
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
     return torch.device("cpu")
+
+
+def _rendezvous_store(rank: int, world_size: int) -> dist.TCPStore:
+    """The group's TCPStore, served by rank 0 on MASTER_ADDR alone: a store torch starts by itself listens on
+    every interface, so rank 0 binds the listening socket and hands it over."""
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(address, port, world_size, is_master=False)
+    listener = socket.create_server((address, port), backlog=world_size)
+    store = dist.TCPStore(address, port, world_size, is_master=True, master_listen_fd=listener.fileno())
+    listener.detach()  # the store owns the socket now
+    return store
 
 
 def _exit_with_host(host_pid: int, run_dir: str) -> None:
@@ -202,7 +221,8 @@ def _host_gone(run_dir: str) -> None:
 
 
 def _report_fatal(run_dir: str, rank: int, exc: BaseException) -> None:
-    text = f"rank {rank}: {type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc))}"
+    cause = str(exc) if isinstance(exc, RankFailure) else f"{type(exc).__name__}: {exc}"
+    text = f"rank {rank}: {cause}\n{''.join(traceback.format_exception(exc))}"
     sys.stderr.write(text)
     path = error_file(run_dir, rank)
     try:

@@ -111,3 +111,28 @@ def write_zimage_files(folder: Path | str) -> dict[str, Path]:
         del sd
         paths[kind] = path
     return paths
+
+
+LORA_NAME = "pd_test_z_image_lora.safetensors"
+LORA_RANK = 4
+
+
+def zimage_lora_state_dict(*, seed: int = 4) -> dict[str, torch.Tensor]:
+    """A Z-Image LoRA for the DiT of zimage_dit_state_dict in two of the key formats ComfyUI's LoRA loader reads:
+    diffusers / PEFT names (`diffusion_model.<diffusers key>.lora_A/B.weight`, no alpha; to_q / to_k / to_v land in
+    slices of ComfyUI's fused qkv) and kohya's (`lora_unet_<ComfyUI key>.lora_up/down.weight` with an alpha) on a
+    fused qkv weight itself."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, ffn = 3840, 10240
+    sd = {}
+
+    def factors(prefix, up_name, down_name, rows, cols):
+        sd[f"{prefix}.{up_name}"] = torch.randn(rows, LORA_RANK, generator=gen) * 0.05
+        sd[f"{prefix}.{down_name}"] = torch.randn(LORA_RANK, cols, generator=gen) * 0.05
+
+    for part in ("to_q", "to_k", "to_v", "to_out.0"):
+        factors(f"diffusion_model.layers.0.attention.{part}", "lora_B.weight", "lora_A.weight", dim, dim)
+    factors("diffusion_model.layers.0.feed_forward.w1", "lora_B.weight", "lora_A.weight", ffn, dim)
+    factors("lora_unet_noise_refiner_0_attention_qkv", "lora_up.weight", "lora_down.weight", 3 * dim, dim)
+    sd["lora_unet_noise_refiner_0_attention_qkv.alpha"] = torch.tensor(2.0)
+    return sd

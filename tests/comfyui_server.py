@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SPLIT_FILE_KINDS = ("diffusion_models", "text_encoders", "vae")  # ComfyUI's folders of single model files
+SPLIT_FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")  # ComfyUI's folders of single model files
 NODE_FOLDER_NAME = "comfyui-parallel-diffusion"  # the name a `git clone` of the repository would give
 # Test-only custom nodes, linked into a custom_nodes folder of the server's workdir (never the host's own folder).
 TEST_NODES = (Path(__file__).resolve().with_name("comfyui_test_nodes.py"),)
@@ -267,6 +267,7 @@ class ComfyUIServer:
             "  diffusion_models: diffusion_models\n"
             "  text_encoders: text_encoders\n"
             "  vae: vae\n"
+            "  loras: loras\n"
             f"  custom_nodes: {json.dumps(str(self.custom_nodes_dir))}\n")  # absolute, so not under base_path
         if self.extension is not None:
             self.node_link = install_extension(self.home, self.extension, self.node_folder_name)

@@ -10,6 +10,7 @@ from comfyui_parallel_diffusion.parallel import Loader, Parallelism, Stage
 
 REPLICATED = Parallelism.REPLICATED
 MAIN_ONLY = Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS
+TENSOR_PARALLEL = Parallelism.TENSOR_PARALLEL
 
 
 def _count(ctx, name: str) -> None:
@@ -57,6 +58,38 @@ def die_on(ctx, model, rank: int, step: int):
     return "survived"
 
 
+def fail_in_step(ctx, model, rank: int, collectives: int = 3):
+    """Every rank makes `collectives` tensor collectives, as a tensor-parallel layer would, but `rank` raises after
+    the first: the others wait in the second for a rank that never comes."""
+    for i in range(collectives):
+        gather_ranks(ctx, model)
+        if i == 0 and ctx.comm.rank == rank:
+            raise RuntimeError(f"boom in step on rank {rank}")
+    return "ok"
+
+
+def hang_on(ctx, model, rank: int):
+    """`rank` never returns after the first collective (a stuck kernel, a deadlock); the others wait for it in the
+    second."""
+    gather_ranks(ctx, model)
+    while ctx.comm.rank == rank:
+        time.sleep(1)
+    gather_ranks(ctx, model)
+    return "ok"
+
+
+def refuse_in_step(ctx, model):
+    """Every rank refuses the request alike, before any collective (a bad input)."""
+    raise ValueError("refused on every rank")
+
+
+def out_of_memory_above(ctx, model, rank: int, width: int, height: int, pixels: int):
+    """`rank` runs out of memory for a request of more than `pixels` pixels."""
+    if ctx.comm.rank == rank and width * height > pixels:
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {width * height // 2**18} GiB.")
+    return width * height
+
+
 def fail_main(ctx, model):
     raise RuntimeError("main rank says no")
 
@@ -90,5 +123,10 @@ STAGES = {stage.name: stage for stage in (
     Stage("use_model", REPLICATED, use_model),
     Stage("empty", REPLICATED, empty),
     Stage("echo", REPLICATED, echo),
+    Stage("fail_in_step", TENSOR_PARALLEL, fail_in_step),
+    Stage("hang_on", TENSOR_PARALLEL, hang_on),
+    Stage("refuse_in_step", TENSOR_PARALLEL, refuse_in_step),
+    Stage("out_of_memory_above", REPLICATED, out_of_memory_above),
+    Stage("out_of_memory_above_on_rank_0", Parallelism.MAIN_RANK_ONLY, out_of_memory_above),
 )}
 LOADERS = {"counter": Loader("counter", load_counter)}

@@ -12,7 +12,6 @@ Order matters (pytest keeps file order): ComfyUI's own sampling runs first, then
 float32) before our loader node loads the same files in ComfyUI's process (gpus=1, float32 on the CPU).
 """
 import os
-import shutil
 import sys
 import time
 
@@ -30,18 +29,6 @@ SIZE = 64
 STEPS = 2
 NAMES = comfyui_files.FILE_NAMES
 PROMPT_TIMEOUT = 300  # loading 2.6 GB of files on two shared CPU cores
-
-
-@pytest.fixture(scope="session")
-def zimage_files(tmp_path_factory):
-    """The three files, written once per session and deleted after it (pytest keeps old sessions' temp
-    folders, and these are 3 GB)."""
-    folder = tmp_path_factory.mktemp("comfyui_zimage_files")
-    started = time.monotonic()
-    paths = comfyui_files.write_zimage_files(folder)
-    print(f"wrote {sum(p.stat().st_size for p in paths.values()) / 1e9:.2f} GB in {time.monotonic() - started:.1f} s")
-    yield paths
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _numel(path) -> int:

@@ -477,3 +477,26 @@ def test_processors_are_replaced_or_refused(tiny_glm_image):
     transformer.transformer_blocks[0].attn1.set_processor(AttnProcessor2_0())
     with pytest.raises(RuntimeError, match="AttnProcessor2_0"):
         use_sequence_parallel_attention(transformer)
+
+
+# -- offload: the AR and the DiT take turns on the GPUs that hold both -------------------------------------------
+
+@pytest.mark.parametrize("ranks, ar", [(1, "auto"), (2, "rank0"), (2, "tensor_parallel"), (3, "tensor_parallel")])
+def test_offload_is_bit_identical_to_resident_weights(tiny_glm_image, ranks, ar):
+    """Each case runs the AR then the DiT, so the modules go to the host and back every time; editing too (the
+    condition images' features from the AR, their KV cache in the DiT). Tensor parallel, the AR ranks' DiT comes
+    back from one host copy spread over them (3 ranks: ranks 0-1 offload, rank 2 keeps its DiT)."""
+    runner = LocalRunner(models) if ranks == 1 else WorkerGroup(Layout.for_world(ranks), "cpu", torch.float32)
+    try:
+        runner.load("resident", "glm_image", path=tiny_glm_image, ar=ar, offload="resident")
+        runner.load("offload", "glm_image", path=tiny_glm_image, ar=ar, offload="offload")
+        for case in ("t2i batch of 2", "i2i landscape glyph"):
+            resident = _generate(runner, "resident", CASES[case])
+            offloaded = _generate(runner, "offload", CASES[case])
+            assert torch.equal(offloaded[1], resident[1]) and torch.equal(offloaded[0], resident[0]), case
+        if ranks == 1:
+            model = runner.models["offload"][1]
+            assert all(p.is_meta for p in model.vision_language_encoder.parameters())
+            assert not any(p.is_meta for p in model.transformer.parameters())
+    finally:
+        runner.close()

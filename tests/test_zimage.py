@@ -298,3 +298,26 @@ def test_comfy_latent_format():
     # KSampler's start: an empty latent stays zero (and gets 16 channels, as EmptyLatentImage's 4 do in ComfyUI)
     assert torch.equal(latent_format.init_latents_from_comfy(torch.zeros(1, 4, 8, 8)), torch.zeros(1, 16, 8, 8))
     assert torch.equal(latent_format.init_latents_from_comfy(x), latent_format.from_comfy(x))
+
+
+# -- offload: the text encoder and the DiT take turns on rank 0's device ------------------------------------------
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_offload_is_bit_identical_to_resident_weights(tiny_zimage, ranks):
+    """Two prompts, so each of rank 0's modules goes to the host and back twice; with guidance (negative prompts
+    encoded too) and without."""
+    runner = LocalRunner(models) if ranks == 1 else WorkerGroup(Layout.for_world(ranks), "cpu", torch.float32)
+    try:
+        runner.load("resident", "zimage", path=str(tiny_zimage), offload="resident")
+        runner.load("offload", "zimage", path=str(tiny_zimage), offload="offload")
+        for size, guidance, batch in [("square", 0.0, 1), ("odd", 3.0, 2)]:
+            resident = _generate(runner, "resident", size, guidance, batch)
+            offloaded = _generate(runner, "offload", size, guidance, batch)
+            assert torch.equal(offloaded[1], resident[1]) and torch.equal(offloaded[0], resident[0])
+        if ranks == 1:
+            model = runner.models["offload"][1]
+            assert all(p.is_meta for p in model.text_encoder.parameters())  # the last stage run was the DiT's
+            assert not any(p.is_meta for p in model.transformer.parameters())
+            assert not any(p.is_meta for p in runner.models["resident"][1].text_encoder.parameters())
+    finally:
+        runner.close()

@@ -40,6 +40,7 @@ def ar(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: i
     if images and len(prompts) != 1:
         raise ValueError(f"editing takes one prompt, got {len(prompts)}")
     check_prompts(prompts, model.processor)
+    model.weights.use("ar")
     vle, dev = model.vision_language_encoder, ctx.device
     inputs, max_new_tokens, (offset, grid_h, grid_w) = ar_request(model.processor, prompts, images, height, width,
                                                                    dev)

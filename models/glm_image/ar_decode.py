@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from transformers import StaticCache
 
+from .. import internals
 from .decode_step import decode_step, fuse_qkv
 from .logits_processors import without_host_syncs
 
@@ -57,8 +58,11 @@ _ATTR = "_parallel_diffusion_fast_ar"  # where decoder_for() keeps a model's dec
 
 def enabled(model, comm=None) -> bool:
     """Whether the AR takes the fast path: on CUDA, and wherever it is tensor-parallel (`comm` given: only this
-    loop broadcasts rank 0's tokens); a single CPU process keeps plain generate()."""
-    return model.device.type == "cuda" or comm is not None
+    loop broadcasts rank 0's tokens); a single CPU process keeps plain generate(), and so does CUDA where the
+    installed transformers is not one this loop was checked against (internals.FAST_AR warns why)."""
+    if comm is not None:
+        return True  # model.ar_placement shards the AR only where FAST_AR is available
+    return model.device.type == "cuda" and internals.FAST_AR.available()
 
 
 def generate(model, inputs, comm=None, **kwargs) -> torch.LongTensor:

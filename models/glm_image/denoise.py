@@ -31,6 +31,7 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     editing = bool(condition_latents)
     if editing and (condition_prior_token_ids is None or len(condition_prior_token_ids) != len(condition_latents)):
         raise ValueError("editing needs one condition_prior_token_ids entry per condition latent")
+    model.weights.use("transformer")
     dev, dtype = ctx.device, model.transformer.dtype
     transformer = model.transformer
     latents = latents.to(dev)

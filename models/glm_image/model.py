@@ -14,12 +14,14 @@ from transformers import (GlmImageConfig, GlmImageForConditionalGeneration, GlmI
                           GlmImageProcessor)
 
 from ...parallel import StageContext
-from .. import loading
+from .. import fp8, internals, loading, weights
+from .. import offload as offloading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
 from . import ar_decode
 from .ar import ar_comm, ar_request
 from .attention import use_sequence_parallel_attention
+from .decode_step import fuse_qkv
 from .plan import apply_ar_tensor_parallel, apply_sequence_parallel, largest_ar_split
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,9 @@ PIPELINE = "GlmImagePipeline"
 # Where the AR decoder runs. auto: tensor parallel on several CUDA GPUs (it reads 1/n of the weights per token), on
 # rank 0 on the CPU; tensor_parallel: also on the CPU (the tests)
 AR_PLACEMENTS = ("auto", "rank0", "tensor_parallel")
+# GPU memory a stage needs beside its weights (the AR's KV cache and compiled step, the DiT's activations and the
+# VAE's decode at 1024x1024), for offload=auto: an estimate until bench/memory.py's per-stage peaks replace it
+WORKING_MEMORY = 4 * offloading.GiB
 
 
 @dataclass
@@ -40,6 +45,8 @@ class GlmImage:
     vision_language_encoder: Any = None  # GlmImageForConditionalGeneration: rank 0, or every rank's shard
     processor: Any = None  # GlmImageProcessor, where the AR runs
     ar_tensor_parallel: bool = False  # the AR is sharded over ar_decode.TP_GROUP
+    # The AR and the DiT, on the ranks where they take turns on the GPU (add_ar); else empty
+    weights: offloading.StageWeights = field(default_factory=offloading.StageWeights)
     # The denoising loop's DiT call, per guidance branch (False: conditional, True: prior tokens dropped); on CUDA
     # each is replayed as its own CUDA graph (the branches' glyph lengths differ, and a GraphedCall keeps one graph)
     predict: dict[bool, Callable[..., torch.Tensor]] = field(init=False, repr=False)
@@ -53,10 +60,15 @@ class GlmImage:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def load(ctx: StageContext, path: str, ar: str = "auto") -> GlmImage:
+def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto", weight_dtype: str = "default"
+         ) -> GlmImage:
     """Every rank loads the DiT, the glyph encoder and the VAE. The AR model and processor, as ar_placement
-    decides for `ar` (one of AR_PLACEMENTS): on ranks 0..n-1, its decoder sharded over them, or on rank 0 alone.
+    decides for `ar` (one of AR_PLACEMENTS): on ranks 0..n-1, its decoder sharded over them, or on rank 0 alone;
+    there, as `offload` (offload.MODES) decides, beside the DiT or in turns with it (add_ar). weight_dtype
+    (fp8.WEIGHT_DTYPES): how the DiT's and the AR decoder's Linear weights are stored.
     On CUDA the AR decode step is compiled here (attach_ar), not in the first prompt."""
+    offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     loading.inspect_model_folder(path, PIPELINE)
     ar_ranks, placement = ar_placement(ar, ctx.device.type, ctx.comm.world_size, ar_text_config(path))
     dev, dtype = ctx.device, ctx.dtype
@@ -64,7 +76,7 @@ def load(ctx: StageContext, path: str, ar: str = "auto") -> GlmImage:
     if scheduler_config.get("stochastic_sampling"):
         raise loading.ModelFolderError(f"{path}: a stochastic-sampling scheduler is not supported")
     transformer = loading.load_component(path, "transformer", dtype, dev).eval()
-    setup_transformer(ctx, transformer)
+    setup_transformer(ctx, transformer, weight_dtype)
     model = GlmImage(
         transformer=transformer,
         text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval(),
@@ -80,11 +92,33 @@ def load(ctx: StageContext, path: str, ar: str = "auto") -> GlmImage:
     if in_ar:
         # Classes named explicitly: diffusers' save_pretrained records these two under the library "glm_image" (its
         # pipeline folder's name, which shadows transformers' model folder), which loading.py does not resolve.
-        attach_ar(ctx, model,
-                  loading.load_component(path, "vision_language_encoder", dtype, dev,
-                                         cls=GlmImageForConditionalGeneration).eval(),
-                  load_processor(path))
+        add_ar(ctx, model, offload, weights.headers(sorted((Path(path) / "vision_language_encoder").glob(
+            "*.safetensors"))), lambda: attach_ar(ctx, model, loading.load_component(
+                path, "vision_language_encoder", dtype, dev, cls=GlmImageForConditionalGeneration).eval(),
+                load_processor(path), weight_dtype))
     return model
+
+
+def add_ar(ctx: StageContext, model: GlmImage, mode: str, ar_files: dict, attach: Callable[[], None]) -> None:
+    """On the ranks that hold the AR, its DiT loaded: `attach` loads the AR beside the DiT or, as offload.choose
+    decides for `mode` with the AR's whole weights (`ar_files`: their headers; each rank loads all of it before
+    keeping its shard), in turns with it (the DiT leaves for the host first). The ranks without the AR keep
+    their DiT. The AR ranks hold the same DiT, so their host copy is one, spread over them (offload.py)."""
+    group = ar_decode.TP_GROUP if model.ar_tensor_parallel else None
+    needed = weights.nbytes(ar_files, ctx.dtype) + WORKING_MEMORY
+    offload = offloading.choose(ctx.comm, mode, needed, "GLM-Image", group)
+    if offload:
+        model.weights.add("transformer", offloading.Offloaded(model.transformer, ctx.comm, group,
+                                                              on_offload=functools.partial(_drop_graphs, model)))
+    attach()
+    if offload:
+        model.weights.add("ar", offloading.Offloaded(model.vision_language_encoder), resident=True)
+
+
+def _drop_graphs(model: GlmImage) -> None:
+    """The DiT's CUDA graphs recorded its weights' addresses, which a round trip to the host changes."""
+    for predict in model.predict.values():
+        getattr(predict, "clear", lambda: None)()
 
 
 def load_processor(path: str) -> GlmImageProcessor:
@@ -100,11 +134,13 @@ def load_processor(path: str) -> GlmImageProcessor:
     return processor
 
 
-def setup_transformer(ctx: StageContext, transformer) -> None:
-    """The loaded DiT as the denoise stage runs it: the project's attention processor (attention.py) and its
-    sequence-parallel plan installed, its blocks compiled on CUDA (on CPU compiling costs
-    minutes and saves little; the tests run it eagerly). On CUDA the whole call is also replayed as a CUDA graph
-    (GlmImage.predict)."""
+def setup_transformer(ctx: StageContext, transformer, weight_dtype: str = "default") -> None:
+    """The loaded DiT as the denoise stage runs it: its Linear weights in fp8 for weight_dtype fp8_e4m3fn
+    (models/fp8.py), the project's attention processor (attention.py) and its sequence-parallel plan installed, its
+    blocks compiled on CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA the
+    whole call is also replayed as a CUDA graph (GlmImage.predict)."""
+    if weight_dtype == "fp8_e4m3fn":
+        fp8.store_fp8(fp8.linears(transformer), ctx.dtype)
     use_sequence_parallel_attention(transformer)
     apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
@@ -127,6 +163,8 @@ def ar_placement(ar: str, device_type: str, world_size: int, text_config) -> tup
         return 1, "GLM-Image AR: on the one rank"
     if ar == "rank0" or (ar == "auto" and device_type != "cuda"):
         return 1, f"GLM-Image AR: on rank 0 alone (ar={ar}), which sends its tokens to the other {world_size - 1}"
+    if not internals.FAST_AR.available():  # tensor parallel runs only in the fast decoding loop
+        return 1, "GLM-Image AR: on rank 0 alone: its tensor-parallel loop is off with this transformers (warned why)"
     n = largest_ar_split(text_config, world_size)
     if n == 1:
         return 1, (f"GLM-Image AR: on rank 0 alone: its decoder splits over no group of 2 to {world_size} {unit} "
@@ -140,7 +178,8 @@ def ar_placement(ar: str, device_type: str, world_size: int, text_config) -> tup
                f"(ar=rank0 runs it on rank 0 alone)")
 
 
-def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, processor) -> None:
+def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, processor,
+              weight_dtype: str = "default") -> None:
     """Give the model its loaded AR (call where it runs: rank 0, or every rank when model.ar_tensor_parallel):
     shard its decoder if tensor-parallel, then compile the decode step for a default-sized request (a 1024x1024
     image: the cache slot of every request up to that size with a prompt of a few hundred tokens), so no prompt
@@ -149,9 +188,21 @@ def attach_ar(ctx: StageContext, model: GlmImage, vision_language_encoder, proce
     comm = ar_comm(ctx, model)
     if comm is not None:
         apply_ar_tensor_parallel(vision_language_encoder, comm)
+    if weight_dtype == "fp8_e4m3fn":
+        fp8.store_fp8(ar_fp8_layers(vision_language_encoder), ctx.dtype)
     if ar_decode.enabled(vision_language_encoder, comm):
         inputs, max_new_tokens, _ = ar_request(processor, ["warm-up"], None, 1024, 1024, ctx.device)
         ar_decode.decoder_for(vision_language_encoder, comm).warm_up(inputs, max_new_tokens)
+
+
+def ar_fp8_layers(vision_language_encoder) -> list:
+    """The AR decoder's layers stored in fp8: per layer its MLP and attention output projections (nearly all of
+    its weights), and the output head. q/k/v stay in the compute dtype, fused first (decode_step.fuse_qkv, which
+    the fast decode step reads directly): an fp8 q/k/v would need a kernel of its own there."""
+    fuse_qkv(vision_language_encoder)
+    layers = vision_language_encoder.model.language_model.layers
+    return [*(m for layer in layers for m in (layer.mlp.gate_up_proj, layer.mlp.down_proj, layer.self_attn.o_proj)),
+            vision_language_encoder.lm_head]
 
 
 def forward(transformer, drop_prior: bool, x: torch.Tensor, prior: torch.Tensor, embeds: torch.Tensor,

@@ -24,6 +24,7 @@ from ...parallel.comm import Comm
 from ...parallel.sequence import BlockSpec, active_region, shard_blocks
 from ...parallel.tensor_parallel import (GatheredColumnLinear, RowParallelLinear, features_of_heads,
                                          keep_output_features)
+from ..processors import check_sequence_parallel
 from .ar_decode import TP_GROUP
 
 TEXT, IMAGE = "encoder_hidden_states", "hidden_states"
@@ -40,6 +41,7 @@ def apply_sequence_parallel(transformer, comm: Comm) -> None:
     """Install the plan on a loaded GlmImageTransformer2DModel (a no-op on one SP rank)."""
     if comm.layout.sp == 1:
         return
+    check_sequence_parallel("GLM-Image")
     blocks = list(transformer.transformer_blocks)
     shard_blocks(blocks, comm, BLOCK)
     # Registered after shard_blocks' entry hook, so the region it opens is active when this runs.

@@ -4,9 +4,7 @@ diffusers' ZSingleStreamAttnProcessor rotates queries and keys by multiplying co
 generate code for complex operators, so in the compiled blocks the product ran as an eager kernel on float32 copies
 that the norm wrote and a later kernel cast back. Written as the same products of real and imaginary parts (the
 same float32 operations; bit-identical on CPU), the rotation is element-wise arithmetic that inductor fuses with the
-norm and the cast into one kernel. Measured on H200s at 1024x1024, with parallel/sequence.py's stacked send buffer,
-a Z-Image DiT call took 94.0 / 56.6 / 31.3 ms on 1 / 2 / 4 GPUs against 94.0 / 57.9 / 31.6 ms before (same device
-call, bench/results/zimage_turbo_denoise_1024_h200x4_stacked_send_ab.json).
+norm and the cast into one kernel (measured: bench/README.md, Z-Image denoising).
 Everything else is diffusers' processor, step for step, but the attention call: inside a sequence-parallel region
 (plan.py shards the blocks) it attends over every rank's tokens (parallel/sequence.py), else it is diffusers' call.
 """

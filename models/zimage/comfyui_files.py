@@ -24,8 +24,8 @@ from diffusers.loaders.single_file_utils import (
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from ...parallel import Loader, StageContext
-from .. import loading, weights
-from .stages import ZImage, setup_transformer
+from .. import fp8, loading, offload as offloading, weights
+from .stages import ZImage, add_text_encoder, setup_transformer
 
 CONFIGS = Path(__file__).parent / "configs"
 COMFYUI_PREFIX = "model.diffusion_model."  # what a full ComfyUI checkpoint puts before the DiT's keys
@@ -49,6 +49,16 @@ def inspect_files(transformer: str, text_encoder: str, vae: str) -> None:
     _transformer_config(_header("transformer", transformer))
     _text_encoder_config(_header("text_encoder", text_encoder))
     _vae_config(_vae_infos(_header("vae", vae)))
+
+
+def inspect_transformer(transformer: str) -> None:
+    """The diffusion model file alone, checked from its header as inspect_files does."""
+    _transformer_config(_header("transformer", transformer))
+
+
+def scheduler_config() -> dict:
+    """The published scheduler config (the files carry none), with diffusers' defaults filled in."""
+    return dict(FlowMatchEulerDiscreteScheduler.from_config(_config("scheduler")).config)
 
 
 def _header(role: str, file: str) -> dict[str, weights.TensorInfo]:
@@ -203,13 +213,17 @@ def load_tokenizer(folder: str) -> Qwen2Tokenizer:
     return Qwen2Tokenizer.from_pretrained(path, local_files_only=True)
 
 
-def load(ctx: StageContext, *, transformer: str, text_encoder: str, vae: str, tokenizer: str) -> ZImage:
+def load(ctx: StageContext, *, transformer: str, text_encoder: str, vae: str, tokenizer: str,
+         offload: str = "auto", weight_dtype: str = "default") -> ZImage:
+    offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     inspect_files(transformer, text_encoder, vae)
     dit = load_transformer(transformer, ctx.dtype, ctx.device)
-    setup_transformer(ctx, dit)
-    model = ZImage(dit, dict(FlowMatchEulerDiscreteScheduler.from_config(_config("scheduler")).config))
+    setup_transformer(ctx, dit, weight_dtype)
+    model = ZImage(dit, scheduler_config())
     if ctx.is_main:
-        model.text_encoder = load_text_encoder(text_encoder, ctx.dtype, ctx.device)
+        add_text_encoder(ctx, model, offload, [weights.header(text_encoder), weights.header(vae)],
+                         lambda: load_text_encoder(text_encoder, ctx.dtype, ctx.device))
         model.tokenizer = load_tokenizer(tokenizer)
         model.vae = load_vae(vae, ctx.dtype, ctx.device)
     return model

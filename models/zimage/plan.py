@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ...parallel.comm import Comm
 from ...parallel.sequence import BlockSpec, shard_blocks
+from ..processors import check_sequence_parallel
 
 BLOCK = BlockSpec(streams=["x"], outputs=["x"], masks={"attn_mask": "x"}, rope={"freqs_cis": ("x", 1)})
 
@@ -17,6 +18,7 @@ BLOCK = BlockSpec(streams=["x"], outputs=["x"], masks={"attn_mask": "x"}, rope={
 def apply_sequence_parallel(transformer, comm: Comm) -> None:
     if comm.layout.sp == 1:
         return
+    check_sequence_parallel("Z-Image")
     shard_blocks(list(transformer.noise_refiner), comm, BLOCK)
     final_layer = transformer.all_final_layer["2-1"]  # patch 2, frame patch 1: what ZImagePipeline runs
     shard_blocks([*transformer.layers, final_layer], comm, BLOCK)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -16,9 +17,11 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ...parallel import Loader, Parallelism, Stage, StageContext
 from ...parallel.cfg import run_branches
-from .. import checks, loading
+from .. import checks, fp8, loading, weights
+from .. import offload as offloading
 from ..compile_blocks import compile_blocks
 from ..cuda_graph import graphed_on
+from ..lora import LoRAFactor, set_lora
 from .attention import use_real_rotary
 from .latent_format import LATENT_CHANNELS
 from .plan import apply_sequence_parallel
@@ -32,6 +35,9 @@ MAX_SEQUENCE_LENGTH = 512
 # ComfyUI's Z-Image tokenizer writes out; spelled out because ComfyUI's Qwen tokenizer files carry Qwen2.5's
 # template, which adds a system prompt.
 PROMPT_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+# GPU memory a stage needs beside its weights (activations, the VAE's decode at 1024x1024), for offload=auto: an
+# estimate until bench/memory.py's per-stage peaks on a GPU replace it
+WORKING_MEMORY = 4 * offloading.GiB
 
 
 @dataclass
@@ -41,6 +47,8 @@ class ZImage:
     text_encoder: Any = None  # rank 0 only
     tokenizer: Any = None  # rank 0 only
     vae: AutoencoderKL | None = None  # rank 0 only
+    # Rank 0's text encoder and DiT, where they take turns on its GPU (add_text_encoder); else empty
+    weights: offloading.StageWeights = field(default_factory=offloading.StageWeights)
     # The DiT call of the denoising loop, predict(x, timestep, embeds); on CUDA replayed as one CUDA graph
     predict: Callable[..., torch.Tensor] = field(init=False, repr=False)
 
@@ -48,23 +56,58 @@ class ZImage:
         self.predict = graphed_on(self.transformer.device, functools.partial(_forward, self.transformer))
 
 
-def load(ctx: StageContext, path: str) -> ZImage:
+def apply_lora(model: ZImage, layers: dict[str, list[LoRAFactor]]) -> None:
+    """Make `layers` (by diffusers weight name; {} for none) the DiT's LoRA."""
+    if set_lora(model.transformer, layers) and hasattr(model.predict, "clear"):
+        model.predict.clear()  # the captured CUDA graph calls the layers as they were
+
+
+def load(ctx: StageContext, path: str, offload: str = "auto", weight_dtype: str = "default") -> ZImage:
+    """offload (offload.MODES): whether rank 0's text encoder and DiT take turns on its GPU; weight_dtype
+    (fp8.WEIGHT_DTYPES): how the DiT's Linear weights are stored."""
+    offloading.check_mode(offload)
+    fp8.check_weight_dtype(weight_dtype)
     loading.inspect_model_folder(path, PIPELINE)
     dev, dtype = ctx.device, ctx.dtype
     transformer = loading.load_component(path, "transformer", dtype, dev)
-    setup_transformer(ctx, transformer)
+    setup_transformer(ctx, transformer, weight_dtype)
     model = ZImage(transformer, dict(FlowMatchEulerDiscreteScheduler.load_config(path, subfolder="scheduler")))
     if ctx.is_main:
-        model.text_encoder = loading.load_component(path, "text_encoder", dtype, dev)
+        coming = [weights.headers(sorted((Path(path) / name).glob("*.safetensors")))
+                  for name in ("text_encoder", "vae")]
+        add_text_encoder(ctx, model, offload, coming,
+                         lambda: loading.load_component(path, "text_encoder", dtype, dev))
         model.tokenizer = loading.load_component(path, "tokenizer")
         model.vae = loading.load_component(path, "vae", dtype, dev)
     return model
 
 
-def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel) -> None:
-    """The loaded DiT as the denoise stage runs it: its rotary embedding in real arithmetic (attention.py), its
-    sequence-parallel plan installed, its blocks compiled on CUDA (on CPU compiling costs minutes and saves little;
-    the tests run it eagerly). On CUDA the whole call is also replayed as a CUDA graph (ZImage.predict)."""
+def add_text_encoder(ctx: StageContext, model: ZImage, mode: str, coming: list[dict], load_text_encoder) -> None:
+    """Rank 0, its DiT loaded: loads the text encoder beside it or, as offload.choose decides for `mode` with the
+    text encoder and VAE still to come (`coming`: their files' headers), in turns with it (the DiT leaves for the
+    host first). Only rank 0 holds both, so only it offloads; the other ranks hold the DiT alone and keep it."""
+    needed = sum(weights.nbytes(infos, ctx.dtype) for infos in coming) + WORKING_MEMORY
+    offload = offloading.choose(ctx.comm, mode, needed, "Z-Image")
+    if offload:
+        model.weights.add("transformer", offloading.Offloaded(model.transformer, on_offload=_drop_graph(model)))
+    model.text_encoder = load_text_encoder()
+    if offload:
+        model.weights.add("text_encoder", offloading.Offloaded(model.text_encoder), resident=True)
+
+
+def _drop_graph(model: ZImage) -> Callable[[], None]:
+    """The DiT's CUDA graph recorded its weights' addresses, which a round trip to the host changes."""
+    return getattr(model.predict, "clear", lambda: None)
+
+
+def setup_transformer(ctx: StageContext, transformer: ZImageTransformer2DModel, weight_dtype: str = "default"
+                      ) -> None:
+    """The loaded DiT as the denoise stage runs it: its Linear weights in fp8 for weight_dtype fp8_e4m3fn
+    (models/fp8.py), its rotary embedding in real arithmetic (attention.py), its sequence-parallel plan installed,
+    its blocks compiled on CUDA (on CPU compiling costs minutes and saves little; the tests run it eagerly). On CUDA
+    the whole call is also replayed as a CUDA graph (ZImage.predict)."""
+    if weight_dtype == "fp8_e4m3fn":
+        fp8.store_fp8(fp8.linears(transformer), ctx.dtype)
     use_real_rotary(transformer)
     apply_sequence_parallel(transformer, ctx.comm)
     if ctx.device.type == "cuda":
@@ -78,6 +121,7 @@ def encode(ctx: StageContext, model: ZImage, *, prompts: list[str], negative_pro
            ) -> dict[str, list[torch.Tensor]]:
     """Qwen3 hidden_states[-2] of the chat-templated prompt, padding dropped (one (L_i, D) tensor per prompt).
     Negative prompts are encoded when given (guidance > 0 needs them; diffusers uses "" by default)."""
+    model.weights.use("text_encoder")
     out = {"prompt_embeds": _encode_texts(model, prompts, ctx.device)}
     out["negative_prompt_embeds"] = _encode_texts(model, negative_prompts, ctx.device) if negative_prompts else []
     return out
@@ -113,12 +157,15 @@ def prepare(ctx: StageContext, model: ZImage, *, batch: int, height: int, width:
 
 @torch.no_grad()
 def denoise(ctx: StageContext, model: ZImage, *, latents: torch.Tensor, prompt_embeds: list[torch.Tensor],
-            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float, strength: float = 1.0
-            ) -> torch.Tensor:
+            negative_prompt_embeds: list[torch.Tensor], steps: int, guidance: float, strength: float = 1.0,
+            lora: dict[str, list[LoRAFactor]] | None = None) -> torch.Tensor:
     """The flow-matching loop; sharded over the sequence by the plan, guidance branches split by cfg degree.
-    strength < 1 (image-to-image, latents from prepare) runs only the last steps of the schedule."""
+    strength < 1 (image-to-image, latents from prepare) runs only the last steps of the schedule. lora: the LoRA
+    factors of this request (none: the base weights)."""
     use_cfg = guidance > 0
     ctx.comm.layout.check_branches(2 if use_cfg else 1)
+    model.weights.use("transformer")
+    apply_lora(model, lora or {})
     scheduler, timesteps = _scheduler(model, latents, steps, strength)
     dev, dtype = ctx.device, model.transformer.dtype
     cond = [e.to(dev, dtype) for e in prompt_embeds]
