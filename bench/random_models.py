@@ -280,9 +280,9 @@ def _remake_compiled(model) -> None:
             call.clear()
 
 
-STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile),
-          "bench.timeline": Stage("bench.timeline", Parallelism.SEQUENCE_PARALLEL, timeline),
-          "bench.attention_kernel": Stage("bench.attention_kernel", Parallelism.SEQUENCE_PARALLEL, attention_kernel)}
+STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.EVERY_RANK, profile),
+          "bench.timeline": Stage("bench.timeline", Parallelism.EVERY_RANK, timeline),
+          "bench.attention_kernel": Stage("bench.attention_kernel", Parallelism.EVERY_RANK, attention_kernel)}
 LOADERS = {**models.LOADERS, "zimage_random": Loader("zimage_random", load_zimage),
            "glm_image_random": Loader("glm_image_random", load_glm_image),
            "zimage_random_pipeline": Loader("zimage_random_pipeline", load_zimage_pipeline),

@@ -79,7 +79,7 @@ def block_compiles(ctx, model, *, glyph_lengths: list[int]) -> list[int]:
 
 
 STAGES = {**models.STAGES,
-          "probe.block_compiles": Stage("probe.block_compiles", Parallelism.SEQUENCE_PARALLEL, block_compiles),
-          "probe.ulysses_error": Stage("probe.ulysses_error", Parallelism.SEQUENCE_PARALLEL, ulysses_error),
-          "probe.shard_lengths": Stage("probe.shard_lengths", Parallelism.SEQUENCE_PARALLEL, shard_lengths)}
+          "probe.block_compiles": Stage("probe.block_compiles", Parallelism.EVERY_RANK, block_compiles),
+          "probe.ulysses_error": Stage("probe.ulysses_error", Parallelism.EVERY_RANK, ulysses_error),
+          "probe.shard_lengths": Stage("probe.shard_lengths", Parallelism.EVERY_RANK, shard_lengths)}
 LOADERS = models.LOADERS

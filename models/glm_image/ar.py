@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # model.py imports this module (it attaches the AR at load ti
 
 
 def ar_parallelism(model: GlmImage) -> Parallelism:
-    return (Parallelism.TENSOR_PARALLEL if model.ar_tensor_parallel
+    return (Parallelism.EVERY_RANK_IN_STEP if model.ar_tensor_parallel
             else Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS)
 
 

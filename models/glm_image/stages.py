@@ -1,17 +1,20 @@
 """GLM-Image (diffusers GlmImagePipeline) as stages: ar -> prepare -> denoise -> decode.
 
 Each function mirrors one part of diffusers' GlmImagePipeline.__call__ so the single-process run equals it (the
-reference tests hold it to that), and declares how it runs across ranks:
+reference tests hold it to that), and declares which ranks run it (parallel.Parallelism):
 
-- glm_image.ar       TENSOR_PARALLEL, or                ranks 0..n-1 each hold 1/n of the ~10 B AR decoder (by
+- glm_image.ar       EVERY_RANK_IN_STEP, or             ranks 0..n-1 each hold 1/n of the ~10 B AR decoder (by
                     MAIN_RANK_ONLY_AND_SEND_TO_OTHERS  default on several CUDA GPUs; n the largest GPU count it
-                                                        splits over) and sample in step, rank 0 deciding each token;
-                                                        else rank 0 alone holds it. Every rank gets the tokens.
-- glm_image.prepare  REPLICATED                         glyph embeddings, seeded noise, size
+                                                        splits over; plan.py shards it at load time) and sample in
+                                                        step, rank 0 deciding each token; else rank 0 alone holds
+                                                        it. Every rank gets the tokens.
+- glm_image.prepare  EVERY_RANK                         glyph embeddings, seeded noise, size
                                                         conditioning and the condition-image latents: cheap and
                                                         deterministic, so every rank computes the same.
-- glm_image.denoise  SEQUENCE_PARALLEL | CFG_PARALLEL   the DiT loop: sharded by plan.py, guidance branches split
-                                                        by parallel.cfg.run_branches.
+- glm_image.denoise  EVERY_RANK                         the DiT loop: its blocks sharded over the sequence by the
+                                                        hooks plan.py installs at load time, guidance branches split
+                                                        by parallel.cfg.run_branches; every rank ends with the
+                                                        whole latents.
 - glm_image.decode   MAIN_RANK_ONLY                     only the host needs the image: rank 0 decodes, nobody
                                                         else spends time or memory on it and nothing is broadcast.
 
@@ -33,7 +36,7 @@ from .prepare import prepare
 LOADER = Loader("glm_image", load)
 STAGES = [
     Stage("glm_image.ar", ar_parallelism, ar),
-    Stage("glm_image.prepare", Parallelism.REPLICATED, prepare),
-    Stage("glm_image.denoise", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, denoise),
+    Stage("glm_image.prepare", Parallelism.EVERY_RANK, prepare),
+    Stage("glm_image.denoise", Parallelism.EVERY_RANK, denoise),
     Stage("glm_image.decode", Parallelism.MAIN_RANK_ONLY, decode),
 ]
