@@ -1,10 +1,10 @@
-"""One-row matmuls of GLM-Image's AR decode step: cuBLAS (F.linear) against models/gemv.py's Triton kernel, on the
+"""One-row matmuls of GLM-Image's AR decode step: cuBLAS (F.linear) against models/glm_image/gemv.py's Triton kernel, on the
 decoder's weight shapes for 1, 2 and 4 tensor-parallel ranks, on one GPU.
 
     python3 bench/gemv.py --out bench/results/gemv_h200.json
 
 Per shape: microseconds per call and the bandwidth that is (weight bytes / time), for cuBLAS, for every kernel
-configuration of the sweep and for the one models.gemv uses (CONFIG); and each one's largest error against a
+configuration of the sweep and for the one models.glm_image.gemv uses (CONFIG); and each one's largest error against a
 float32 matmul, next to cuBLAS's. Calls are replayed from a CUDA graph (GPU time, as in the compiled decode step)
 and cycle through enough copies of the weight to exceed the L2 cache, as a decoder reads each layer's weights once
 per token. Per TP degree: the microseconds per token these shapes add up
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
-from comfyui_parallel_diffusion.models import gemv  # noqa: E402
+from comfyui_parallel_diffusion.models.glm_image import gemv  # noqa: E402
 from ar import FULL_TEXT, _graph_ms  # noqa: E402
 from denoise import _machine  # noqa: E402
 

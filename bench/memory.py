@@ -93,7 +93,7 @@ def report(ctx, model) -> dict:
     return out
 
 
-STAGES = {**models.STAGES, "bench.memory": Stage("bench.memory", Parallelism.REPLICATED, report)}
+STAGES = {**models.STAGES, "bench.memory": Stage("bench.memory", Parallelism.EVERY_RANK, report)}
 LOADERS = {**models.LOADERS, "capped": Loader("capped", capped)}
 
 

@@ -44,7 +44,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))  # the host imports the plugin too when it runs 1 GPU in-process
 
 from comfyui_parallel_diffusion.models.glm_image import pipeline as glm_image_pipeline  # noqa: E402
-from comfyui_parallel_diffusion.models.glm_image import stages as glm_image_stages  # noqa: E402
+from comfyui_parallel_diffusion.models.glm_image import inputs as glm_image_inputs  # noqa: E402
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny  # noqa: E402
 from comfyui_parallel_diffusion.models.zimage import pipeline as zimage_pipeline  # noqa: E402
 from comfyui_parallel_diffusion.models.zimage import stages as zimage_stages  # noqa: E402
@@ -105,7 +105,7 @@ class GlmImageBench:
     name, loader, stages = "glm_image", "glm_image_random_pipeline", ("ar", "prepare", "denoise", "decode")
     defaults = {"steps": 50, "guidance": 1.5, "repeats": 1, "warmup": 1}  # diffusers' GlmImagePipeline defaults
     prompt = 'A cozy cafe at night with a neon sign that says "OPEN", rain on the window, people reading inside'
-    size_multiple = glm_image_stages.SIZE_MULTIPLE
+    size_multiple = glm_image_inputs.SIZE_MULTIPLE
 
     def __init__(self, args):
         self.args = args

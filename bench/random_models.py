@@ -26,8 +26,8 @@ from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.cuda_graph import GraphedCall
 from comfyui_parallel_diffusion.models.glm_image import ar_decode
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
-from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
-from comfyui_parallel_diffusion.models.glm_image.stages import GlmImage
+from comfyui_parallel_diffusion.models.glm_image import model as glm_model
+from comfyui_parallel_diffusion.models.glm_image.model import GlmImage
 from comfyui_parallel_diffusion.models.zimage import tiny as zimage_tiny
 from comfyui_parallel_diffusion.models.zimage import stages as zimage_stages
 from comfyui_parallel_diffusion.models.zimage.stages import ZImage
@@ -145,21 +145,21 @@ def load_zimage_pipeline(ctx, *, scale: str) -> ZImage:
 def load_glm_image(ctx, *, scale: str) -> GlmImage:
     """The DiT, glyph encoder and VAE that prepare/denoise/decode use; the AR model is benchmarked in bench/ar.py."""
     modules = glm_image_modules(scale, ctx.device, ctx.dtype)
-    sp_hooks = glm_stages.setup_transformer(ctx, modules["transformer"])
-    return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER), sp_hooks=sp_hooks)
+    glm_model.setup_transformer(ctx, modules["transformer"])
+    return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER))
 
 
 def load_glm_image_pipeline(ctx, *, scale: str, ar: str = "auto") -> GlmImage:
     """Every component: load_glm_image's on every rank; the AR model and its processor placed as models/glm_image
-    places them (glm_stages.ar_placement: sharded over the largest group of ranks it splits over, by default on
+    places them (glm_model.ar_placement: sharded over the largest group of ranks it splits over, by default on
     several GPUs; else on rank 0), its decode step compiled."""
     model = load_glm_image(ctx, scale=scale)
     ar_model, processor = glm_image_ar(scale, ctx.device, ctx.dtype)
-    ar_ranks, _ = glm_stages.ar_placement(ar, ctx.device.type, ctx.comm.world_size, ar_model.config.text_config)
+    ar_ranks, _ = glm_model.ar_placement(ar, ctx.device.type, ctx.comm.world_size, ar_model.config.text_config)
     model.ar_tensor_parallel = ar_ranks > 1
     in_ar = ctx.comm.make_group(ar_decode.TP_GROUP, range(ar_ranks)) if model.ar_tensor_parallel else ctx.is_main
     if in_ar:
-        glm_stages.attach_ar(ctx, model, ar_model, processor)
+        glm_model.attach_ar(ctx, model, ar_model, processor)
     return model
 
 
@@ -280,9 +280,9 @@ def _remake_compiled(model) -> None:
             call.clear()
 
 
-STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.SEQUENCE_PARALLEL, profile),
-          "bench.timeline": Stage("bench.timeline", Parallelism.SEQUENCE_PARALLEL, timeline),
-          "bench.attention_kernel": Stage("bench.attention_kernel", Parallelism.SEQUENCE_PARALLEL, attention_kernel)}
+STAGES = {**models.STAGES, "bench.profile": Stage("bench.profile", Parallelism.EVERY_RANK, profile),
+          "bench.timeline": Stage("bench.timeline", Parallelism.EVERY_RANK, timeline),
+          "bench.attention_kernel": Stage("bench.attention_kernel", Parallelism.EVERY_RANK, attention_kernel)}
 LOADERS = {**models.LOADERS, "zimage_random": Loader("zimage_random", load_zimage),
            "glm_image_random": Loader("glm_image_random", load_glm_image),
            "zimage_random_pipeline": Loader("zimage_random_pipeline", load_zimage_pipeline),

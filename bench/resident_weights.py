@@ -86,7 +86,7 @@ def glm_image() -> dict:
 
     import ar as ar_bench
     import random_models
-    from comfyui_parallel_diffusion.models.glm_image import plan, stages, tiny
+    from comfyui_parallel_diffusion.models.glm_image import model as glm_model, plan, tiny
 
     dit = _both(lambda: GlmImageTransformer2DModel.from_config(_config(PUBLISHED / "glm-image" / "transformer" /
                                                                        "config.json")), fp8.linears)
@@ -104,7 +104,7 @@ def glm_image() -> dict:
                                    enable_small_all_reduce=lambda group, dtype: False)
             plan.apply_ar_tensor_parallel(model, comm)
             if dtype == "fp8":
-                fp8.store_fp8(stages.ar_fp8_layers(model), torch.bfloat16)
+                fp8.store_fp8(glm_model.ar_fp8_layers(model), torch.bfloat16)
             out[dtype] = _bytes(model.model.language_model) + _bytes(model.lm_head)
         return out
 

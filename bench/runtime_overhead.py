@@ -88,8 +88,8 @@ def traced_moments(ctx, model):
 
 
 STAGES = {
-    "echo": Stage("echo", Parallelism.REPLICATED, echo),
-    "traced_moments": Stage("traced_moments", Parallelism.REPLICATED, traced_moments),
+    "echo": Stage("echo", Parallelism.EVERY_RANK, echo),
+    "traced_moments": Stage("traced_moments", Parallelism.EVERY_RANK, traced_moments),
 }
 LOADERS = {"trace": Loader("trace", trace)}
 

@@ -9,7 +9,7 @@ _GLM = "transformers.models.glm_image.modeling_glm_image"
 # glm_image/ar_decode.py runs generate() with its own decoding loop (a copy of GenerationMixin._sample's, given as
 # generate's custom_generate), calling generate()'s private prefill and reading GLM-Image's decode position table;
 # decode_step.py reimplements GlmImageTextModel.forward for one token; logits_processors.py replaces two processors
-# by equivalents built from their attributes. Off: plain generate() on one rank (ar_decode.enabled, stages.py).
+# by equivalents built from their attributes. Off: plain generate() on one rank (ar_decode.enabled, model.ar_placement).
 FAST_AR = Path(
     name="GLM-Image's fast AR decoding",
     package="transformers",
@@ -40,22 +40,33 @@ FAST_AR = Path(
     fallback="The AR runs plain generate() on GPU 0 (same tokens, slower).",
 )
 
-# zimage/plan.py and glm_image/plan.py route attention through Ulysses by rebinding the module-level
-# dispatch_attention_fn that diffusers' processors (and zimage/attention.py) look up at call time; a diffusers whose
-# processors stopped doing so would leave each rank attending to its own shard. requirements.txt pins diffusers to
-# 0.42.x; a plan that relies on this lookup checks DIFFUSERS_ATTENTION.available() and refuses to shard without it.
-_DISPATCH = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-DIFFUSERS_ATTENTION = Path(
-    name="Sequence-parallel attention through diffusers' module-level dispatch_attention_fn",
+# Sequence parallelism attends through the project's processors (zimage/attention.py, glm_image/attention.py:
+# diffusers' ZSingleStreamAttnProcessor and GlmImageAttnProcessor step for step, but the attention call), installed
+# with Attention.set_processor in place of diffusers' own (processors.py). A diffusers whose processors changed
+# would leave the copies computing what diffusers no longer does: requirements.txt pins diffusers to 0.42.x, and a
+# plan that shards the DiT checks SEQUENCE_PARALLEL_ATTENTION.available() (processors.check_sequence_parallel)
+# and refuses to shard without it.
+_DISPATCH = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+_Z = "diffusers.models.transformers.transformer_z_image"
+_GLM_DIT = "diffusers.models.transformers.transformer_glm_image"
+SEQUENCE_PARALLEL_ATTENTION = Path(
+    name="Sequence-parallel attention through the project's copies of diffusers' attention processors",
     package="diffusers",
     tested=("0.42",),
     internals=(
-        Internal("diffusers.models.transformers.transformer_z_image.dispatch_attention_fn", _DISPATCH),
-        Internal("diffusers.models.transformers.transformer_z_image.ZSingleStreamAttnProcessor.__call__",
-                 mentions=("dispatch_attention_fn(",)),
-        Internal("diffusers.models.transformers.transformer_glm_image.dispatch_attention_fn", _DISPATCH),
-        Internal("diffusers.models.transformers.transformer_glm_image.GlmImageAttnProcessor.__call__",
-                 mentions=("dispatch_attention_fn(",)),
+        Internal("diffusers.models.attention_processor.Attention.set_processor", ("self", "processor"),
+                 mentions=("self.processor = processor",)),
+        Internal("diffusers.models.attention_dispatch.dispatch_attention_fn", _DISPATCH),
+        Internal(f"{_Z}.ZSingleStreamAttnProcessor.__call__",
+                 ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "freqs_cis"),
+                 mentions=("to_q", "norm_q", "norm_k", "view_as_complex", "dispatch_attention_fn(", "to_out")),
+        Internal(f"{_GLM_DIT}.GlmImageAttnProcessor.__call__",
+                 ("self", "attn", "hidden_states", "encoder_hidden_states", "attention_mask", "image_rotary_emb",
+                  "kv_cache"),
+                 mentions=("to_q", "norm_q", "norm_k", "apply_rotary_emb", "kv_cache.store", "kv_cache.get",
+                           "mix_attn_mask", "dispatch_attention_fn(", "to_out")),
+        Internal("diffusers.models.embeddings.apply_rotary_emb", ("x", "freqs_cis", "use_real",
+                                                                  "use_real_unbind_dim", "sequence_dim")),
     ),
     fallback="Use gpus 1 or cfg_parallel without sequence parallelism, or diffusers 0.42.x.",
 )

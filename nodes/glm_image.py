@@ -10,8 +10,8 @@ import logging
 
 from ..models.glm_image import latent_format
 from ..models.glm_image import pipeline as glm_image
-from ..models.glm_image.stages import (AR_PLACEMENTS, MAX_SIZE, PIPELINE, SIZE_MULTIPLE, ar_placement,
-                                       ar_text_config, as_pil_images, check_inputs)
+from ..models.glm_image.inputs import MAX_SIZE, SIZE_MULTIPLE, as_pil_images, check_inputs
+from ..models.glm_image.model import AR_PLACEMENTS, PIPELINE, ar_placement, ar_text_config
 from ..models.loading import inspect_model_folder
 from . import runtime
 from .common import (DecodeBase, LOADER_OUTPUT_TOOLTIP, LoaderBase, check_same_model, loader_inputs, seed_input,

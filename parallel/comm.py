@@ -1,6 +1,6 @@
 """The one place that calls torch.distributed: a rank's process groups and the collectives built on them.
 
-Ranks are numbered cfg-major: rank = cfg_index * (ring * ulysses) + ring_index * ulysses + ulysses_index, so a
+Ranks are numbered cfg-major: rank = cfg_index * ulysses + ulysses_index, so a
 Ulysses group is a run of neighbouring ranks (neighbouring GPUs talk fastest). A single-process Comm has every
 degree 1 and every collective is the identity, so stages run unchanged without a process group.
 """
@@ -31,9 +31,7 @@ class Comm:
         self.device = device
         self.distributed = distributed
         sp = layout.sp
-        self.cfg_rank, sp_index = divmod(rank, sp)
-        self.ring_rank, self.ulysses_rank = divmod(sp_index, layout.ulysses)
-        self.sp_rank = sp_index
+        self.cfg_rank, self.sp_rank = divmod(rank, sp)
         self._groups: dict[str, Any] = {}
         self._object_group = None
         self._object_groups: dict[str, Any] = {}  # make_group's groups: their gloo twins, for objects
@@ -57,8 +55,8 @@ class Comm:
 
     def group_size(self, name: str) -> int:
         """The size of a layout group, or of a make_group group this rank is in."""
-        sizes = {"cfg": self.layout.cfg, "ulysses": self.layout.ulysses, "ring": self.layout.ring,
-                 "sp": self.layout.sp, "world": self.layout.world_size}
+        sizes = {"cfg": self.layout.cfg, "ulysses": self.layout.ulysses, "sp": self.layout.sp,
+                 "world": self.layout.world_size}
         return sizes[name] if name in sizes else len(self._groups[name][1])
 
     def make_group(self, name: str, ranks) -> bool:
@@ -87,10 +85,8 @@ class Comm:
         lay = self.layout
         ranks = range(lay.world_size)
         members = {
-            "ulysses": lambda r: (r // lay.ulysses, None),
-            "ring": lambda r: (r // lay.sp, r % lay.ulysses),
-            "sp": lambda r: (r // lay.sp, None),
-            "cfg": lambda r: (r % lay.sp, None),
+            "ulysses": lambda r: r // lay.ulysses,
+            "cfg": lambda r: r % lay.sp,
         }
         # Every rank must create every group, in the same order, even the ones it is not in.
         for name, key in members.items():
@@ -101,6 +97,7 @@ class Comm:
                 group = dist.new_group(group_ranks)
                 if self.rank in group_ranks:
                     self._groups[name] = (group, group_ranks)
+        self._groups["sp"] = self._groups["ulysses"]  # the sequence is sharded over the Ulysses group alone
         self._groups["world"] = (None, list(ranks))
         # Python objects travel over gloo even when tensors go over NCCL, and over a group of their own on CPU too:
         # a rank that left a stage by raising must not meet its peers' tensor collectives in its object ones.

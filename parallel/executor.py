@@ -1,4 +1,5 @@
-"""Runs one stage on this rank the way the stage declares: the single place where parallelism types mean something."""
+"""Runs one stage on this rank the way the stage declares (which ranks run it, which result each returns, what a
+failure costs): the single place where a Parallelism means something."""
 from __future__ import annotations
 
 from typing import Any
@@ -26,7 +27,7 @@ class RankFailure(Exception):
 
 def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
     parallelism = stage.parallelism_for(model)
-    if Parallelism.MAIN_RANK_ONLY in parallelism:
+    if parallelism is Parallelism.MAIN_RANK_ONLY:
         if not ctx.is_main:
             return None
         try:
@@ -35,7 +36,7 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
             raise
         except Exception as exc:  # no other rank waits on this one, so the group stays healthy
             raise MainRankError(f"stage {stage.name} failed on rank 0: {describe_error(exc, ctx, inputs)}") from exc
-    if Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS in parallelism:
+    if parallelism is Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS:
         outcome: tuple[str, Any] = ("ok", None)
         if ctx.is_main:
             try:
@@ -50,10 +51,9 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
         if status == "error":
             raise MainRankError(f"stage {stage.name} failed on rank 0: {value}")
         return value
-    if Parallelism.TENSOR_PARALLEL in parallelism:
+    if parallelism is Parallelism.EVERY_RANK_IN_STEP:
         return _in_step_on_every_rank(stage, ctx, model, inputs)
-    # REPLICATED, SEQUENCE_PARALLEL and CFG_PARALLEL all run on every rank; the sharding lives in the model's
-    # parallel plans and in parallel.cfg, which read ctx.comm.
+    # EVERY_RANK: how the work is split lives in the model's parallel plans and in parallel.cfg, which read ctx.comm
     try:
         return stage.fn(ctx, model, **inputs)
     except Cancelled:
@@ -63,7 +63,7 @@ def execute(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any])
 
 
 def _in_step_on_every_rank(stage: Stage, ctx: StageContext, model: Any, inputs: dict[str, Any]) -> Any:
-    """Every rank runs the stage (a rank outside the group the weights are sharded over returns at once), then
+    """Every rank runs the stage (a rank outside the group its weights are sharded over returns at once), then
     they compare outcomes and take rank 0's result: an exception every rank raised alike (an input the stage
     refuses before its first collective, or a cancel, which ctx.step raises on all ranks together) becomes an
     error or a cancel the group survives. A rank that failed alone left its peers waiting inside a collective:

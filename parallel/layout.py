@@ -1,4 +1,4 @@
-"""How a world of ranks is split: world = cfg x ulysses x ring, and the checks a requested split must pass."""
+"""How a world of ranks is split: world = cfg x ulysses, and the checks a requested split must pass."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,43 +13,37 @@ class Layout:
     world_size: int = 1
     cfg: int = 1  # 2: the conditional and unconditional branches run on different rank groups
     ulysses: int = 1  # sequence-parallel degree by all-to-all over attention heads
-    ring: int = 1  # sequence-parallel degree by passing K/V around a ring
 
     @classmethod
-    def for_world(cls, world_size: int, cfg: int = 1, ring: int = 1, ulysses: int | None = None) -> "Layout":
+    def for_world(cls, world_size: int, cfg: int = 1, ulysses: int | None = None) -> "Layout":
         """Fill in the Ulysses degree from the others (the common case: the user names GPUs and cfg only)."""
         if world_size < 1:
             raise LayoutError(f"world size must be >= 1, got {world_size}")
         if ulysses is None:
-            if world_size % (cfg * ring):
+            if world_size % cfg:
                 raise LayoutError(
-                    f"world size {world_size} is not divisible by cfg {cfg} x ring {ring}; "
-                    f"try cfg in {_divisors(world_size)}"
+                    f"world size {world_size} is not divisible by cfg {cfg}; try cfg in {_divisors(world_size)}"
                 )
-            ulysses = world_size // (cfg * ring)
-        layout = cls(world_size, cfg, ulysses, ring)
+            ulysses = world_size // cfg
+        layout = cls(world_size, cfg, ulysses)
         layout.check()
         return layout
 
     @property
     def sp(self) -> int:
-        return self.ulysses * self.ring
+        """The sequence-parallel degree: Ulysses covers every degree (heads are padded)."""
+        return self.ulysses
 
     def check(self) -> None:
-        for name in ("cfg", "ulysses", "ring"):
+        for name in ("cfg", "ulysses"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"{name} degree must be >= 1, got {getattr(self, name)}")
         if self.cfg not in (1, 2):
             raise LayoutError(f"cfg degree must be 1 or 2 (two guidance branches), got {self.cfg}")
-        if self.ring > 1:
+        if self.cfg * self.ulysses != self.world_size:
             raise LayoutError(
-                f"ring degree {self.ring} is not supported; Ulysses covers every degree (heads are padded), "
-                f"so use ulysses {self.ulysses * self.ring}"
-            )
-        if self.cfg * self.ulysses * self.ring != self.world_size:
-            raise LayoutError(
-                f"cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring} = "
-                f"{self.cfg * self.ulysses * self.ring}, but the world size is {self.world_size}; "
+                f"cfg {self.cfg} x ulysses {self.ulysses} = {self.cfg * self.ulysses}, but the world size is "
+                f"{self.world_size}; "
                 f"for {self.world_size} ranks use e.g. {_suggest(self.world_size)}"
             )
 
@@ -70,7 +64,7 @@ class Layout:
             )
 
     def describe(self) -> str:
-        return f"{self.world_size} rank(s): cfg {self.cfg} x ulysses {self.ulysses} x ring {self.ring}"
+        return f"{self.world_size} rank(s): cfg {self.cfg} x ulysses {self.ulysses}"
 
 
 def _divisors(n: int) -> list[int]:

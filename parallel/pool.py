@@ -52,7 +52,7 @@ def release() -> None:
 def _import_plugin(plugin: str) -> ModuleType:
     """Workers name our models by the package's canonical name; in the host the same modules live under the name
     this package was imported as, and importing them a second time under another name would duplicate the stage
-    types (a Parallelism flag from one copy is not `in` one from the other)."""
+    types (a Parallelism member from one copy is not one from the other)."""
     if plugin.partition(".")[0] == _CANONICAL:
         plugin = _PACKAGE + plugin[len(_CANONICAL):]
     return importlib.import_module(plugin)

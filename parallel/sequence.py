@@ -6,7 +6,8 @@ tables; `shard_blocks` installs hooks that split on entry to the first block and
 Each stream is padded to a multiple of the SP degree and the padding is left out of the keys (or masked, where a
 caller's mask decides), so every size and every SP degree gives the single-process result up to floating-point
 reordering. Attention does not care about key order, so the gathered sequence is rank-major (rank 0's streams, then
-rank 1's, ...) and is never reordered.
+rank 1's, ...) and is never reordered. A model's own attention processor attends through `Region.attention` while
+a region is active (`active_region()`), and through the library's call otherwise.
 """
 from __future__ import annotations
 
@@ -75,6 +76,15 @@ class Region:
     rope: dict[str, Any] = field(default_factory=dict)  # local rotary tables, computed once per region
     key_prefix: list[torch.Tensor] | None = None  # per SP rank: valid mask of keys prepended to the local ones
     key_index: torch.Tensor | None = None  # real_keys(), set on entry
+
+    def attention(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attn_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+        """A sharded block's attention over the whole sequence: (B, S_local, H, D) in and out, Ulysses over the
+        region's ranks."""
+        if attn_mask is not None:
+            raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
+        index, mask = self.attention_keys()
+        return ulysses_attention(self.comm, query, key, value, mask, scale, key_index=index)
 
     def attention_keys(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(positions, mask) of the real keys for attention: the positions built on entry, unless a caller's mask
@@ -186,26 +196,6 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(value, torch.Tensor):
         return fn(value)
     return type(value)(_map_tensors(v, fn) for v in value)
-
-
-def routed_attention(original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """Wrap a model module's `dispatch_attention_fn`: inside a sharded region attention runs as Ulysses over the
-    whole sequence; outside one (and on a single rank) it is the original function, untouched. Idempotent."""
-    if getattr(original, "sequence_parallel", False):
-        return original
-
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
-        region = _active
-        if region is None:
-            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                            scale=scale, **kwargs)
-        if attn_mask is not None or is_causal or dropout_p:
-            raise NotImplementedError("sequence-parallel attention takes its key mask from the sharding plan")
-        index, mask = region.attention_keys()
-        return ulysses_attention(region.comm, query, key, value, mask, scale, key_index=index)
-
-    attention.sequence_parallel = True
-    return attention
 
 
 def ulysses_attention(comm: Comm, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -1,5 +1,8 @@
-"""A stage is one named step of a pipeline that declares how it runs across ranks (after sglang's
-StageParallelismType); the executor applies that declaration, so a stage never calls torch.distributed itself."""
+"""A stage is one named step of a pipeline that declares which ranks run it and which result each returns (after
+sglang's StageParallelismType); the executor applies that declaration, so a stage never calls torch.distributed
+itself. How a stage's work is split over the ranks is the model's, not the declaration's: what its parallel plans
+install at load time (the sharded blocks' hooks, tensor-parallel layers) and parallel.cfg.run_branches (guidance
+branches)."""
 from __future__ import annotations
 
 import collections
@@ -12,14 +15,18 @@ import torch
 from .comm import Comm
 
 
-class Parallelism(enum.Flag):
-    REPLICATED = enum.auto()  # every rank runs it (cheap, deterministic work)
-    MAIN_RANK_ONLY = enum.auto()  # rank 0 runs it for the host; the other ranks skip it (e.g. VAE decode)
-    MAIN_RANK_ONLY_AND_SEND_TO_OTHERS = enum.auto()  # rank 0 runs it; its result is broadcast to every rank
-    SEQUENCE_PARALLEL = enum.auto()  # every rank runs it on its shard of the token sequence
-    CFG_PARALLEL = enum.auto()  # guidance branches run on different rank groups, combined once per step
-    TENSOR_PARALLEL = enum.auto()  # every rank runs it on its shard of the weights, in step; rank 0 decides what
-    #                                is sampled, so every rank returns rank 0's result
+class Parallelism(enum.Enum):
+    # Every rank runs it and returns its own result (replicated work, or sharded work its plan gathers). A rank that
+    # fails exits and the host ends the group: its peers may be waiting for it in a collective.
+    EVERY_RANK = enum.auto()
+    # Rank 0 runs it for the host; the other ranks skip it (e.g. VAE decode). A failure leaves the group up.
+    MAIN_RANK_ONLY = enum.auto()
+    # Rank 0 runs it; its result (or its failure, or a cancel) is broadcast to every rank.
+    MAIN_RANK_ONLY_AND_SEND_TO_OTHERS = enum.auto()
+    # Every rank runs it, then the ranks compare outcomes: a failure or cancel every rank raised alike leaves the
+    # group up, and every rank returns rank 0's result (rank 0 decides what a tensor-parallel decoder samples; the
+    # ranks outside its group have no result of their own).
+    EVERY_RANK_IN_STEP = enum.auto()
 
 
 @dataclass(frozen=True)

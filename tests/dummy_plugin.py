@@ -1,4 +1,4 @@
-"""A plugin for the worker-group tests: tiny stages for each parallelism type and each way a request can end.
+"""A plugin for the worker-group tests: tiny stages for each Parallelism and each way a request can end.
 Workers import it by name through WorkerGroup(extra_sys_path=[tests/])."""
 import os
 import signal
@@ -8,9 +8,9 @@ import torch
 
 from comfyui_parallel_diffusion.parallel import Loader, Parallelism, Stage
 
-REPLICATED = Parallelism.REPLICATED
+EVERY_RANK = Parallelism.EVERY_RANK
 MAIN_ONLY = Parallelism.MAIN_RANK_ONLY_AND_SEND_TO_OTHERS
-TENSOR_PARALLEL = Parallelism.TENSOR_PARALLEL
+IN_STEP = Parallelism.EVERY_RANK_IN_STEP
 
 
 def _count(ctx, name: str) -> None:
@@ -115,18 +115,18 @@ def load_counter(ctx, value: int):
 STAGES = {stage.name: stage for stage in (
     Stage("sample", MAIN_ONLY, sample),
     Stage("fail_main", MAIN_ONLY, fail_main),
-    Stage("state", REPLICATED, state),
-    Stage("loop", REPLICATED, loop),
-    Stage("fail_on", REPLICATED, fail_on),
-    Stage("die_on", REPLICATED, die_on),
-    Stage("gather_ranks", REPLICATED, gather_ranks),
-    Stage("use_model", REPLICATED, use_model),
-    Stage("empty", REPLICATED, empty),
-    Stage("echo", REPLICATED, echo),
-    Stage("fail_in_step", TENSOR_PARALLEL, fail_in_step),
-    Stage("hang_on", TENSOR_PARALLEL, hang_on),
-    Stage("refuse_in_step", TENSOR_PARALLEL, refuse_in_step),
-    Stage("out_of_memory_above", REPLICATED, out_of_memory_above),
+    Stage("state", EVERY_RANK, state),
+    Stage("loop", EVERY_RANK, loop),
+    Stage("fail_on", EVERY_RANK, fail_on),
+    Stage("die_on", EVERY_RANK, die_on),
+    Stage("gather_ranks", EVERY_RANK, gather_ranks),
+    Stage("use_model", EVERY_RANK, use_model),
+    Stage("empty", EVERY_RANK, empty),
+    Stage("echo", EVERY_RANK, echo),
+    Stage("fail_in_step", IN_STEP, fail_in_step),
+    Stage("hang_on", IN_STEP, hang_on),
+    Stage("refuse_in_step", IN_STEP, refuse_in_step),
+    Stage("out_of_memory_above", EVERY_RANK, out_of_memory_above),
     Stage("out_of_memory_above_on_rank_0", Parallelism.MAIN_RANK_ONLY, out_of_memory_above),
 )}
 LOADERS = {"counter": Loader("counter", load_counter)}

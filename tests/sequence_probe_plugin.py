@@ -60,7 +60,7 @@ def block_compiles(ctx, model, *, glyph_lengths: list[int]) -> list[int]:
     """GLM-Image DiT calls with these glyph-text lengths, its blocks compiled by dynamo (dynamo_check.py): how many
     graphs dynamo made during each call. Hitting dynamo's recompile limit raises here (on a GPU, dynamo would run
     the blocks uncompiled from then on)."""
-    from comfyui_parallel_diffusion.models.glm_image.stages import _forward
+    from comfyui_parallel_diffusion.models.glm_image.model import forward
 
     transformer, gen = model.transformer, torch.Generator().manual_seed(0)
     config = transformer.config
@@ -73,13 +73,13 @@ def block_compiles(ctx, model, *, glyph_lengths: list[int]) -> list[int]:
             before = graphs_made()
             embeds = torch.randn(1, length, config.text_embed_dim, generator=gen)
             with torch.no_grad(), torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-                _forward(transformer, False, x, prior, embeds, *fixed)
+                forward(transformer, False, x, prior, embeds, *fixed)
             made.append(graphs_made() - before)
     return made
 
 
 STAGES = {**models.STAGES,
-          "probe.block_compiles": Stage("probe.block_compiles", Parallelism.SEQUENCE_PARALLEL, block_compiles),
-          "probe.ulysses_error": Stage("probe.ulysses_error", Parallelism.SEQUENCE_PARALLEL, ulysses_error),
-          "probe.shard_lengths": Stage("probe.shard_lengths", Parallelism.SEQUENCE_PARALLEL, shard_lengths)}
+          "probe.block_compiles": Stage("probe.block_compiles", Parallelism.EVERY_RANK, block_compiles),
+          "probe.ulysses_error": Stage("probe.ulysses_error", Parallelism.EVERY_RANK, ulysses_error),
+          "probe.shard_lengths": Stage("probe.shard_lengths", Parallelism.EVERY_RANK, shard_lengths)}
 LOADERS = models.LOADERS

@@ -6,11 +6,11 @@ import sys
 import pytest
 from safetensors.torch import load_file
 
-from comfyui_parallel_diffusion.models.cli import main
+from comfyui_parallel_diffusion.cli import main
 
 
 def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "comfyui_parallel_diffusion.models.cli", *args],
+    return subprocess.run([sys.executable, "-m", "comfyui_parallel_diffusion.cli", *args],
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -6,7 +6,7 @@ import torch
 
 from comfyui_parallel_diffusion.models import loading
 from comfyui_parallel_diffusion.models.cuda_graph import WARMUP, GraphedCall
-from comfyui_parallel_diffusion.models.glm_image import stages as glm_stages
+from comfyui_parallel_diffusion.models.glm_image import model as glm_model
 from comfyui_parallel_diffusion.models.zimage.stages import ZImage, _forward
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
@@ -53,7 +53,7 @@ def test_zimage_denoising_call_replayed_equals_eager(tiny_zimage):
 
 def test_glm_image_denoising_calls_replayed_equal_eager(tiny_glm_image):
     transformer = loading.load_component(tiny_glm_image, "transformer", torch.float32, "cuda")
-    model = glm_stages.GlmImage(transformer, None, None, None, {})
+    model = glm_model.GlmImage(transformer, None, None, None, {})
     config = transformer.config
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, config.in_channels, 8, 12, generator=gen).cuda()
@@ -66,4 +66,4 @@ def test_glm_image_denoising_calls_replayed_equal_eager(tiny_glm_image):
             for drop, glyphs in ((False, 7), (True, 1)):  # the branches alternate, as on one GPU
                 embeds = torch.randn(1, glyphs, config.text_embed_dim, generator=gen).cuda()
                 args = (x, prior, embeds, t, size, crop, rope)
-                assert torch.equal(model.predict[drop](*args), glm_stages._forward(transformer, drop, *args))
+                assert torch.equal(model.predict[drop](*args), glm_model.forward(transformer, drop, *args))

@@ -119,7 +119,7 @@ def test_out_of_memory_on_a_rank_says_where_for_what_and_what_may_fit_and_a_smal
     with pytest.raises(WorkerError) as info:
         cfg_group.run("out_of_memory_above", None, request)
     first = str(info.value).splitlines()[0]
-    assert first == ("the worker group failed: rank 1: OutOfMemoryError on cpu, 2 rank(s): cfg 2 x ulysses 1 x ring 1, "
+    assert first == ("the worker group failed: rank 1: OutOfMemoryError on cpu, 2 rank(s): cfg 2 x ulysses 1, "
                      "request 2048x2048: CUDA out of memory. Tried to allocate 16 GiB. What may fit: a smaller size "
                      "or batch, or cfg_parallel off (each image's tokens are then split over all the GPUs, not half) "
                      "(stage out_of_memory_above)")

@@ -73,7 +73,7 @@ def test_glm_image_fp8_tensor_parallel_on_two_ranks_equals_one(tiny_glm_image):
             if ranks == 1:
                 vle = runner.models["fp8"][1].vision_language_encoder
                 assert all(m.parametrizations.weight.original.dtype == torch.float8_e4m3fn
-                           for m in models.glm_image.stages.ar_fp8_layers(vle))
+                           for m in models.glm_image.model.ar_fp8_layers(vle))
         finally:
             runner.close()
     assert torch.equal(results[2][0], results[1][0])

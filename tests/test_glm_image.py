@@ -18,7 +18,7 @@ from transformers.utils import is_torchvision_available
 from comfyui_parallel_diffusion import models
 from comfyui_parallel_diffusion.models.glm_image import latent_format
 from comfyui_parallel_diffusion.models.glm_image import pipeline as glm
-from comfyui_parallel_diffusion.models.glm_image import stages, tiny
+from comfyui_parallel_diffusion.models.glm_image import inputs, model, tiny
 from comfyui_parallel_diffusion.parallel import Cancelled, Layout, LayoutError, LocalRunner
 from comfyui_parallel_diffusion.parallel.executor import MainRankError
 from comfyui_parallel_diffusion.parallel.group import WorkerError, WorkerGroup
@@ -79,7 +79,7 @@ def diffusers_pipe(tiny_glm_image):
     split_condition_features_per_image(pipe)
     # Our loader's PIL image processor: where torchvision is installed diffusers' pipeline would resize the
     # condition images with it instead, and their tokens would differ for that reason alone
-    pipe.processor.image_processor = stages.load_processor(tiny_glm_image).image_processor
+    pipe.processor.image_processor = model.load_processor(tiny_glm_image).image_processor
     return pipe
 
 
@@ -212,7 +212,7 @@ def test_processor_folder_as_published_loads_pil_with_or_without_torchvision(tin
     built = type(AutoImageProcessor.from_pretrained(folder, local_files_only=True)).__name__
     assert built == ("GlmImageImageProcessor" if is_torchvision_available() else "GlmImageImageProcessorPil")
 
-    image_processor = stages.load_processor(tiny_glm_image).image_processor
+    image_processor = model.load_processor(tiny_glm_image).image_processor
     assert type(image_processor) is GlmImageImageProcessorPil
     assert (image_processor.size.shortest_edge, image_processor.size.longest_edge) == (config["min_pixels"],
                                                                                        config["max_pixels"])
@@ -272,12 +272,12 @@ def test_input_errors():
             glm.generate(runner, "g", **kwargs)
         kwargs["prompts"] = [kwargs.pop("prompt")]
         with pytest.raises(ValueError, match=message):
-            stages.check_inputs(**kwargs)
+            inputs.check_inputs(**kwargs)
     # the nodes' queue-time check: linked inputs (None) pass, an empty prompt (the node's default) is a prompt
-    stages.check_inputs(prompts=None, height=None, width=64)
-    stages.check_inputs(prompts=[""], height=4096, width=32, steps=1, guidance=0.0, seed=2 ** 64 - 1)
+    inputs.check_inputs(prompts=None, height=None, width=64)
+    inputs.check_inputs(prompts=[""], height=4096, width=32, steps=1, guidance=0.0, seed=2 ** 64 - 1)
     with pytest.raises(ValueError, match="reserves"):
-        stages.check_inputs(prompts=["<sop>"])
+        inputs.check_inputs(prompts=["<sop>"])
     with pytest.raises(ValueError, match="editing takes one prompt"):
         glm.generate(runner, "g", prompt=["a", "b"], images=[_image(64, 64, 0)], height=64, width=64, steps=1,
                      guidance=1.5, seed=0)
@@ -305,16 +305,16 @@ def test_ar_placement_for_every_gpu_count():
     from types import SimpleNamespace
 
     published = SimpleNamespace(num_attention_heads=32, num_key_value_heads=2, intermediate_size=13696)
-    sizes = {gpus: stages.ar_placement("auto", "cuda", gpus, published)[0] for gpus in range(1, 9)}
+    sizes = {gpus: model.ar_placement("auto", "cuda", gpus, published)[0] for gpus in range(1, 9)}
     assert sizes == {1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 4, 8: 8}
-    assert "over GPUs 0-3, 4 of 6" in stages.ar_placement("auto", "cuda", 6, published)[1]
-    assert "GPUs 4-5 wait" in stages.ar_placement("tensor_parallel", "cuda", 6, published)[1]
-    assert "GPU 2 waits" in stages.ar_placement("auto", "cuda", 3, published)[1]
-    assert stages.ar_placement("rank0", "cuda", 6, published)[0] == 1
-    assert stages.ar_placement("auto", "cpu", 6, published)[0] == 1
-    assert stages.ar_placement("tensor_parallel", "cpu", 6, published)[0] == 4
+    assert "over GPUs 0-3, 4 of 6" in model.ar_placement("auto", "cuda", 6, published)[1]
+    assert "GPUs 4-5 wait" in model.ar_placement("tensor_parallel", "cuda", 6, published)[1]
+    assert "GPU 2 waits" in model.ar_placement("auto", "cuda", 3, published)[1]
+    assert model.ar_placement("rank0", "cuda", 6, published)[0] == 1
+    assert model.ar_placement("auto", "cpu", 6, published)[0] == 1
+    assert model.ar_placement("tensor_parallel", "cpu", 6, published)[0] == 4
     with pytest.raises(ValueError, match="one of auto, rank0, tensor_parallel"):
-        stages.ar_placement("tp", "cuda", 2, published)
+        model.ar_placement("tp", "cuda", 2, published)
 
 
 class RunnerThatMustNotRun:
@@ -424,6 +424,59 @@ def test_tensor_parallel_ar_equals_single_process(tiny_glm_image, local, single,
         _cancel_while_sampling_stops_every_rank(group, single)
     finally:
         group.close()
+
+
+def test_attention_processor_equals_diffusers():
+    """The processor the stages install (its attention call is the one sequence parallelism takes over) gives
+    diffusers' GlmImageAttnProcessor's result exactly: glyph mask, image rotary tables, and the condition-image KV
+    cache written, read and skipped. If diffusers changes its processor, this fails."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.transformers.transformer_glm_image import GlmImageAttnProcessor, GlmImageLayerKVCache
+
+    from comfyui_parallel_diffusion.models.glm_image.attention import SequenceParallelAttnProcessor
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=4, dim_head=8, out_dim=32, bias=True, qk_norm="layer_norm",
+                     elementwise_affine=False, eps=1e-5, processor=GlmImageAttnProcessor()).eval()
+    text, image = torch.randn(2, 5, 32), torch.randn(2, 12, 32)
+    rope = (torch.randn(12, 8), torch.randn(12, 8))
+    mask = torch.ones(2, 5)
+    mask[1, :2] = 0
+    condition = torch.randn(1, 12, 32)
+
+    def run():
+        cache = GlmImageLayerKVCache()
+        cache.mode = "write"
+        outs = [attn(condition, encoder_hidden_states=text[:1, :0], image_rotary_emb=rope, kv_cache=cache)]
+        for mode in ("read", "skip"):
+            cache.mode = mode
+            outs.append(attn(image, encoder_hidden_states=text, image_rotary_emb=rope, kv_cache=cache))
+        outs.append(attn(image, encoder_hidden_states=text, attention_mask=mask, image_rotary_emb=rope))
+        return [t for pair in outs for t in pair]
+
+    with torch.no_grad():
+        expected = run()
+        attn.set_processor(SequenceParallelAttnProcessor())
+        got = run()
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_processors_are_replaced_or_refused(tiny_glm_image):
+    """Every attention module of the DiT gets the project's processor; one holding a processor the project does not
+    follow is refused, not left to attend over its own shard only."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from comfyui_parallel_diffusion.models import loading
+    from comfyui_parallel_diffusion.models.glm_image.attention import (SequenceParallelAttnProcessor,
+                                                                      use_sequence_parallel_attention)
+
+    transformer = loading.load_component(tiny_glm_image, "transformer", torch.float32, torch.device("cpu"))
+    use_sequence_parallel_attention(transformer)
+    processors = [b.attn1.processor for b in transformer.transformer_blocks]
+    assert processors and all(isinstance(p, SequenceParallelAttnProcessor) for p in processors)
+    transformer.transformer_blocks[0].attn1.set_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError, match="AttnProcessor2_0"):
+        use_sequence_parallel_attention(transformer)
 
 
 # -- offload: the AR and the DiT take turns on the GPUs that hold both -------------------------------------------

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 CACHE_BUCKET = 1024  # static cache lengths are multiples of this: few distinct shapes, hence few compilations
 PROBATION_STEPS = 3  # compiled steps that must have run (trace, CUDA-graph warm-up, capture, replay) before a failure
 #                      of the compiled step counts as an error rather than as a reason to decode eagerly
-TP_GROUP = "ar"  # the group plan.apply_ar_tensor_parallel shards over (stages.load makes it: ranks 0..n-1)
+TP_GROUP = "ar"  # the group plan.apply_ar_tensor_parallel shards over (model.load makes it: ranks 0..n-1)
 _ATTR = "_parallel_diffusion_fast_ar"  # where decoder_for() keeps a model's decoder: compiled once per worker
 
 
@@ -61,7 +61,7 @@ def enabled(model, comm=None) -> bool:
     loop broadcasts rank 0's tokens); a single CPU process keeps plain generate(), and so does CUDA where the
     installed transformers is not one this loop was checked against (internals.FAST_AR warns why)."""
     if comm is not None:
-        return True  # stages.ar_placement shards the AR only where FAST_AR is available
+        return True  # model.ar_placement shards the AR only where FAST_AR is available
     return model.device.type == "cuda" and internals.FAST_AR.available()
 
 

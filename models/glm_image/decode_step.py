@@ -14,7 +14,7 @@ step on an H200, bench/results/glm_ar_profile_*.json, showed the time inside ker
   the whole cache (SDPA's fused kernels ran one block per KV head, 2 of 132 SMs, for one query token).
 - the mask is built once per step from the cache position and the request's attention mask, and the new keys go
   into the static cache through its own update().
-- every matmul is one row times a weight: models/gemv.py's kernel reads the weight once, where cuBLAS's split-K
+- every matmul is one row times a weight: gemv.py's kernel reads the weight once, where cuBLAS's split-K
   kernels took 9-25% longer per token (bench/results/gemv_h200.json). It applies to 16-bit weights on CUDA only, so
   float32 keeps F.linear and generate()'s exact numbers.
 Norms, rope and activation are the model's own modules and functions, and o_proj, down_proj and lm_head are called
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.models.glm_image.modeling_glm_image import apply_rotary_pos_emb
 
-from .. import gemv
+from . import gemv
 
 _QKV_WEIGHT, _QKV_BIAS = "_fused_qkv_weight", "_fused_qkv_bias"  # non-persistent buffers: not in the state dict
 

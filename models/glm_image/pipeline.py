@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from ...parallel import Layout
-from .stages import as_pil_images, check_inputs
+from .inputs import as_pil_images, check_inputs
 from .tiny import build_tiny_glm_image as build_tiny  # noqa: F401  the family surface (see models/pipelines.py)
 
 LOADER = "glm_image"

@@ -6,8 +6,9 @@ glyph text first, image second; both are split across the SP group on entry to `
 multiple of the SP degree, the padding left out of the keys (masked when editing reads the cache, below), so the
 1-token negative glyph prompt works on any degree),
 the image rotary tables (cos, sin), whose sequence dim is 0, are split with the image stream, and both outputs
-are gathered after the last block, before `norm_out`/`proj_out`. Attention is diffusers' own processor; its
-module-level `dispatch_attention_fn` is routed through Ulysses while a sharded region is active.
+are gathered after the last block, before `norm_out`/`proj_out`. Attention runs through Ulysses by the project's
+processor (attention.py: diffusers' GlmImageAttnProcessor but for its attention call), which model.py installs
+whatever the degree.
 
 Image editing adds the condition-image KV cache: in "write" mode each rank stores its *local* condition keys and
 values, padding included; in "read" mode the processor prepends them to the local keys, so the gathered key
@@ -18,12 +19,12 @@ block records which cached positions are real when the cache is written and hand
 from __future__ import annotations
 
 import torch
-from diffusers.models.transformers import transformer_glm_image
 
 from ...parallel.comm import Comm
-from ...parallel.sequence import BlockSpec, active_region, routed_attention, shard_blocks
+from ...parallel.sequence import BlockSpec, active_region, shard_blocks
 from ...parallel.tensor_parallel import (GatheredColumnLinear, RowParallelLinear, features_of_heads,
                                          keep_output_features)
+from ..processors import check_sequence_parallel
 from .ar_decode import TP_GROUP
 
 TEXT, IMAGE = "encoder_hidden_states", "hidden_states"
@@ -36,16 +37,15 @@ BLOCK = BlockSpec(
 CACHE_VALID = "_sequence_parallel_key_valid"  # on layer 0's GlmImageLayerKVCache: per write, per SP rank
 
 
-def apply_sequence_parallel(transformer, comm: Comm) -> list:
-    """Install the plan on a loaded GlmImageTransformer2DModel (a no-op on one SP rank); returns hook handles."""
+def apply_sequence_parallel(transformer, comm: Comm) -> None:
+    """Install the plan on a loaded GlmImageTransformer2DModel (a no-op on one SP rank)."""
     if comm.layout.sp == 1:
-        return []
-    transformer_glm_image.dispatch_attention_fn = routed_attention(transformer_glm_image.dispatch_attention_fn)
+        return
+    check_sequence_parallel("GLM-Image")
     blocks = list(transformer.transformer_blocks)
-    handles = shard_blocks(blocks, comm, BLOCK)
+    shard_blocks(blocks, comm, BLOCK)
     # Registered after shard_blocks' entry hook, so the region it opens is active when this runs.
-    handles.append(blocks[0].register_forward_pre_hook(_condition_cache_keys, with_kwargs=True))
-    return handles
+    blocks[0].register_forward_pre_hook(_condition_cache_keys, with_kwargs=True)
 
 
 def _condition_cache_keys(module, args, kwargs):

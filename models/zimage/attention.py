@@ -5,13 +5,17 @@ generate code for complex operators, so in the compiled blocks the product ran a
 that the norm wrote and a later kernel cast back. Written as the same products of real and imaginary parts (the
 same float32 operations; bit-identical on CPU), the rotation is element-wise arithmetic that inductor fuses with the
 norm and the cast into one kernel (measured: bench/README.md, Z-Image denoising).
-Everything else is diffusers' processor, step for step; the attention call is looked up in diffusers' module at
-call time, so a sequence-parallel plan that routes it (plan.py) still applies.
+Everything else is diffusers' processor, step for step, but the attention call: inside a sequence-parallel region
+(plan.py shards the blocks) it attends over every rank's tokens (parallel/sequence.py), else it is diffusers' call.
 """
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers import transformer_z_image
+
+from ...parallel.sequence import active_region
+from ..processors import replace_processors
 
 
 class RealRotaryAttnProcessor:
@@ -28,8 +32,12 @@ class RealRotaryAttnProcessor:
             query, key = rotate(query, freqs_cis), rotate(key, freqs_cis)
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = attention_mask[:, None, None, :]
-        hidden_states = transformer_z_image.dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                                                  dropout_p=0.0, is_causal=False)
+        region = active_region()
+        if region is None:
+            hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                                  is_causal=False)
+        else:
+            hidden_states = region.attention(query, key, value, attn_mask=attention_mask)
         output = attn.to_out[0](hidden_states.flatten(2, 3).to(query.dtype))
         return attn.to_out[1](output) if len(attn.to_out) > 1 else output
 
@@ -46,7 +54,4 @@ def rotate(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 
 def use_real_rotary(transformer) -> None:
     """Give every attention module of a loaded Z-Image DiT the real-arithmetic processor."""
-    processor = RealRotaryAttnProcessor()
-    for module in transformer.modules():
-        if isinstance(getattr(module, "processor", None), transformer_z_image.ZSingleStreamAttnProcessor):
-            module.set_processor(processor)
+    replace_processors(transformer, transformer_z_image.ZSingleStreamAttnProcessor, RealRotaryAttnProcessor())

@@ -141,7 +141,7 @@ def _apply_lora(model: ZImage, factors: dict[str, list[tuple[torch.Tensor, torch
                        for name in scales})
 
 
-PREDICT = Stage("zimage.predict", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, predict)
+PREDICT = Stage("zimage.predict", Parallelism.EVERY_RANK, predict)
 DIT_LOADER = Loader("zimage_dit", load_dit)
 
 

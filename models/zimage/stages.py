@@ -1,7 +1,9 @@
 """Z-Image (diffusers ZImagePipeline) as stages: encode -> prepare -> denoise -> decode.
 
-Each function mirrors one step of diffusers' pipeline so the single-process run equals it, and declares how it
-runs across ranks. Rank 0 alone holds the text encoder and the VAE; every rank holds the DiT.
+Each function mirrors one step of diffusers' pipeline so the single-process run equals it, and declares which ranks
+run it (parallel.Parallelism). Rank 0 alone holds the text encoder and the VAE, and encodes and decodes; every rank
+holds the DiT and runs prepare and denoise, the DiT's blocks sharded over the sequence by the hooks plan.py installs
+at load time and guidance branches split by parallel.cfg.run_branches.
 """
 from __future__ import annotations
 
@@ -284,7 +286,7 @@ def check_inputs(*, prompts: list[str] | None = None, height: int | None = None,
 LOADER = Loader("zimage", load)
 STAGES = [
     Stage("zimage.encode", Parallelism.MAIN_RANK_ONLY, encode),
-    Stage("zimage.prepare", Parallelism.REPLICATED, prepare),
-    Stage("zimage.denoise", Parallelism.SEQUENCE_PARALLEL | Parallelism.CFG_PARALLEL, denoise),
+    Stage("zimage.prepare", Parallelism.EVERY_RANK, prepare),
+    Stage("zimage.denoise", Parallelism.EVERY_RANK, denoise),
     Stage("zimage.decode", Parallelism.MAIN_RANK_ONLY, decode),
 ]

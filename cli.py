@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ..parallel import Layout
-from ..parallel.pool import get_runner, release
-from . import checks, fp8, offload, pipelines
-from .glm_image import stages as glm_image_stages
-from .zimage import comfyui_files as zimage_files
+from .models import checks, fp8, offload, pipelines
+from .models.glm_image import model as glm_image_model
+from .models.zimage import comfyui_files as zimage_files
+from .parallel import Layout
+from .parallel.pool import get_runner, release
 
 DEMO_CACHE = Path.home() / ".cache" / "comfyui-parallel-diffusion" / "tiny"
 
@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_guidance, default=None, help="default: the model's own")
     gen.add_argument("--seed", type=_integer(0, checks.MAX_SEED), default=0)
     _add_layout_args(gen)
-    gen.add_argument("--ar", choices=glm_image_stages.AR_PLACEMENTS, default=None,
+    gen.add_argument("--ar", choices=glm_image_model.AR_PLACEMENTS, default=None,
                      help="GLM-Image only: where its AR model runs. auto (default): tensor parallel over the "
                           "largest GPU count it splits over evenly (1, 2, 4, 8...) on several CUDA GPUs, else rank "
                           "0; rank0: rank 0 alone; tensor_parallel: as auto, on the CPU too")
@@ -108,12 +108,11 @@ def _add_layout_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--world-size", type=_integer(1), default=1, help="ranks (one per GPU with --device cuda)")
     parser.add_argument("--cfg-parallel", action="store_true", help="guidance branches on two rank groups")
     parser.add_argument("--ulysses", type=int, default=None, help="Ulysses degree (default: the rest of the world)")
-    parser.add_argument("--ring", type=int, default=1, help="ring degree")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _runner(args: argparse.Namespace):
-    layout = Layout.for_world(args.world_size, cfg=2 if args.cfg_parallel else 1, ring=args.ring,
+    layout = Layout.for_world(args.world_size, cfg=2 if args.cfg_parallel else 1,
                               ulysses=args.ulysses)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     return get_runner(layout, args.device, dtype)
@@ -130,8 +129,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise ValueError("--ar applies to GLM-Image only (Z-Image has no AR model)")
     if family is pipelines.glm_image:
         source["ar"] = args.ar or "auto"
-        placement = glm_image_stages.ar_placement(source["ar"], args.device, args.world_size,
-                                                  glm_image_stages.ar_text_config(source["path"]))[1]
+        placement = glm_image_model.ar_placement(source["ar"], args.device, args.world_size,
+                                                 glm_image_model.ar_text_config(source["path"]))[1]
         print(placement, file=sys.stderr)
     runner = _runner(args)
     started = time.perf_counter()
