@@ -29,7 +29,7 @@ import torch
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-from comfyui_parallel_diffusion.models import fp8, weights  # noqa: E402
+from comfyui_parallel_diffusion.models import fp8  # noqa: E402
 
 PUBLISHED = Path("/work/shared/reference/published-configs")
 GPU_COUNTS = (1, 2, 4, 8)
