@@ -18,8 +18,9 @@ Each (config, cap) runs in a fresh process (a fresh worker group for several GPU
 own. A cap emulates a card: torch.cuda.set_per_process_memory_fraction on every rank, before anything is
 allocated, at the card's memory less CONTEXT_MIB for the CUDA context a real card also spends outside torch's
 allocator. A run that fails (out of memory) records the error and the last report before it: what held the memory.
-Every image is kept under --root/images; each run's are compared with a default-weights run's of the same size and
-seed (this invocation's or an earlier one's): offload must equal resident exactly, fp8 gives a PSNR against bf16.
+Every image and its latents are kept under --root/images; each run's are compared with every default-weights run's
+of the same size and seed (this invocation's or an earlier one's): offload must equal resident exactly, fp8 gives a
+PSNR against bf16.
 
 configs: resident (offload=resident), offload (offload=offload), auto (offload=auto: what the loader chooses for
 the cap), fp8 (weight_dtype=fp8_e4m3fn, resident), fp8_offload (both).
@@ -137,9 +138,10 @@ def measure(spec: dict) -> dict:
         for size in spec["sizes"]:
             for prompt in range(2):
                 records.append({"stage": "prompt", "size": size, "prompt": prompt + 1})
-                images, _ = family.generate(measured, "m", prompt=PROMPT, height=size, width=size,
-                                            steps=spec["steps"], guidance=family.DEFAULT_GUIDANCE, seed=prompt)
-                torch.save(images, Path(spec["images"]) / f"{spec['config']}-{spec['cap']}-{size}-{prompt}.pt")
+                images, latents = family.generate(measured, "m", prompt=PROMPT, height=size, width=size,
+                                                  steps=spec["steps"], guidance=family.DEFAULT_GUIDANCE, seed=prompt)
+                torch.save({"images": images, "latents": latents},
+                           Path(spec["images"]) / f"{spec['config']}-{spec['cap']}-{size}-{prompt}.pt")
         result["ok"] = True
     except Exception as exc:  # noqa: BLE001 - an out-of-memory is a result: what failed, after what
         result.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:2000]}")
@@ -171,8 +173,9 @@ def write_models(model: str, root: Path, scale: str) -> tuple[str, dict]:
 
 
 def compare_images(runs: list[dict], images: Path) -> None:
-    """Each run's images against a default-weights run's of the same size and seed (any cap): offload must equal
-    resident bit for bit; fp8 is reported as PSNR (dB, images in [0, 1]) against bf16."""
+    """Each run's images and the latents they were decoded from against every default-weights run's of the same
+    size and seed (any cap): offload must equal resident bit for bit; fp8 is reported as PSNR (dB, images in
+    [0, 1]) against bf16. The latents tell the DiT's part from the VAE's."""
     saved = {tuple(p.stem.split("-")): p for p in images.glob("*.pt")}  # (config, cap, size, seed) -> file
     for run in runs:
         if not run.get("ok"):
@@ -181,14 +184,17 @@ def compare_images(runs: list[dict], images: Path) -> None:
         for (config, cap, size, seed), file in sorted(saved.items()):
             if config != run["config"] or cap != str(run["cap_gb"]):
                 continue
-            reference = next((f for (c, k, z, e), f in sorted(saved.items()) if (z, e) == (size, seed) and
-                              CONFIGS[c][1] == "default" and f != file), None)
-            if reference is None:
-                continue
-            mine, theirs = torch.load(file), torch.load(reference)
-            mse = (mine - theirs).double().pow(2).mean().item()
-            run["images"][f"{size}-{seed}"] = {"against": reference.stem, "equal": torch.equal(mine, theirs),
-                                               "psnr_db": None if mse == 0 else round(10 * math.log10(1 / mse), 2)}
+            mine = torch.load(file)
+            for (c, k, z, e), reference in sorted(saved.items()):
+                if (z, e) != (size, seed) or CONFIGS[c][1] != "default" or reference == file:
+                    continue
+                theirs = torch.load(reference)
+                mse = (mine["images"] - theirs["images"]).double().pow(2).mean().item()
+                run["images"].setdefault(f"{size}-{seed}", []).append({
+                    "against": reference.stem, "equal": torch.equal(mine["images"], theirs["images"]),
+                    "psnr_db": None if mse == 0 else round(10 * math.log10(1 / mse), 2),
+                    "latents_equal": torch.equal(mine["latents"], theirs["latents"]),
+                    "latents_max_diff": (mine["latents"].float() - theirs["latents"].float()).abs().max().item()})
 
 
 def write_results(out: Path, model: str, gpus: int, scale: str, device: str, runs: list) -> None:
