@@ -173,8 +173,12 @@ def write_zimage(root: Path, scale: str, *, folder_too: bool = True, files_too: 
 
 
 def write_glm_image(root: Path, scale: str) -> dict:
-    """A GLM-Image folder: the tiny model's, with the DiT (published config) and the AR decoder at full size."""
-    from diffusers import GlmImageTransformer2DModel
+    """A GLM-Image folder: the tiny model's processor and tokenizers, every model at full size (the DiT with the
+    published config's values, bench/ar.py's AR decoder, the glyph encoder and VAE of bench/random_models.py) unless
+    `scale` is tiny. The AR's generation config samples as bench/ar.py does, within the DiT's codebook (a random AR
+    would sample past it)."""
+    from diffusers import AutoencoderKL, GlmImageTransformer2DModel
+    from transformers import GlmImageForConditionalGeneration, T5Config, T5EncoderModel
 
     import ar as ar_bench
     from comfyui_parallel_diffusion.models import weights
@@ -185,20 +189,23 @@ def write_glm_image(root: Path, scale: str) -> dict:
         return {"folder": str(folder)}
     import random_models
 
-    dit_config = random_models.GLM_DIT  # the published transformer config's values
-    shutil.rmtree(folder / "transformer")
-    dit = weights.empty_model(lambda: GlmImageTransformer2DModel.from_config(dit_config))
-    dit.save_config(folder / "transformer")
-    write_random(dit, folder / "transformer", "diffusion_pytorch_model.safetensors", torch.bfloat16, SHARDS)
-    _, tokenizer = glm_tiny._processor()
-    from transformers import GlmImageForConditionalGeneration
+    def replace(name: str, model: torch.nn.Module, weights_name: str, **write) -> None:
+        shutil.rmtree(folder / name)
+        (model.save_config if hasattr(model, "save_config") else model.config.save_pretrained)(folder / name)
+        write_random(model, folder / name, weights_name, torch.bfloat16, **write)
 
+    replace("transformer", weights.empty_model(lambda: GlmImageTransformer2DModel.from_config(random_models.GLM_DIT)),
+            "diffusion_pytorch_model.safetensors", shards=SHARDS)
+    glyph = T5Config(**{**T5Config.from_pretrained(folder / "text_encoder").to_dict(),  # ByT5's vocabulary
+                        **random_models.GLYPH_T5})
+    replace("text_encoder", weights.empty_model(lambda: T5EncoderModel(glyph)), "model.safetensors", shards=1, seed=1)
+    replace("vae", weights.empty_model(lambda: AutoencoderKL.from_config(random_models.GLM_VAE)),
+            "diffusion_pytorch_model.safetensors", shards=1, seed=2)
+    _, tokenizer = glm_tiny._processor()
     ar = weights.empty_model(lambda: GlmImageForConditionalGeneration(ar_bench.full_config(tokenizer)))
-    generation = GlmImageForConditionalGeneration.from_pretrained(folder / "vision_language_encoder").generation_config
-    shutil.rmtree(folder / "vision_language_encoder")
-    ar.config.save_pretrained(folder / "vision_language_encoder")
-    generation.save_pretrained(folder / "vision_language_encoder")
-    write_random(ar, folder / "vision_language_encoder", "model.safetensors", torch.bfloat16, 4, seed=3)
+    random_models.sample_random_ar(ar.generation_config, ar.config, tokenizer, scale)
+    replace("vision_language_encoder", ar, "model.safetensors", shards=4, seed=3)
+    ar.generation_config.save_pretrained(folder / "vision_language_encoder")
     return {"folder": str(folder)}
 
 

@@ -114,17 +114,22 @@ def glm_image_ar(scale: str, device, dtype: torch.dtype):
 
     processor, tokenizer = glm_tiny._processor()
     model = ar_bench._build(scale, tokenizer, torch.device(device), dtype, AR_SEED)
-    gen = model.generation_config
-    if scale != "tiny":  # as bench/ar.py builds it; the tiny AR carries its own generation config
+    sample_random_ar(model.generation_config, model.config, tokenizer, scale)
+    return model, processor
+
+
+def sample_random_ar(gen, config, tokenizer, scale: str) -> None:
+    """A random AR's generation config `gen`, in place: bench/ar.py's sampling at full size (the tiny AR carries its
+    own), and the tokens past the DiT's codebook suppressed."""
+    if scale != "tiny":
         gen.do_sample = True
         gen.temperature, gen.top_k, gen.top_p = AR_SAMPLING["temperature"], AR_SAMPLING["top_k"], AR_SAMPLING["top_p"]
         gen.bos_token_id = glm_tiny.IMAGE_START
-        gen.eos_token_id = model.config.text_config.vision_vocab_size  # lm_head has vision_vocab_size outputs
+        gen.eos_token_id = config.text_config.vision_vocab_size  # lm_head has vision_vocab_size outputs
         gen.pad_token_id = tokenizer.pad_token_id
     codebook = SCALES[scale]["glm_dit"]["prior_vq_quantizer_codebook_size"]
-    vocab = model.config.text_config.vision_vocab_size
+    vocab = config.text_config.vision_vocab_size
     gen.suppress_tokens = list(range(codebook, vocab)) if vocab > codebook else None
-    return model, processor
 
 
 def load_zimage(ctx, *, scale: str) -> ZImage:
