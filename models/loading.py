@@ -14,6 +14,7 @@ from pathlib import Path
 
 import diffusers
 import torch
+import transformers
 
 from . import weights
 
@@ -70,8 +71,12 @@ def load_component(path, name: str, dtype: torch.dtype | None = None, device=Non
         return load_diffusers_model(cls, cls.load_config(folder), sorted(folder.glob("*.safetensors")),
                                     dtype, device, source=str(folder))
     config = cls.config_class.from_pretrained(folder, local_files_only=True)
-    return load_transformers_model(cls, config, sorted(folder.glob("*.safetensors")), dtype, device,
-                                   source=str(folder), unused=(CAUSAL_LM_HEAD,))
+    model = load_transformers_model(cls, config, sorted(folder.glob("*.safetensors")), dtype, device,
+                                    source=str(folder), unused=(CAUSAL_LM_HEAD,))
+    if model.can_generate() and (folder / "generation_config.json").is_file():
+        # as from_pretrained: the checkpoint's sampling settings (a model built from its config has defaults)
+        model.generation_config = transformers.GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model
 
 
 def load_diffusers_model(cls, config: dict, files: list[Path], dtype: torch.dtype, device: torch.device, *,

@@ -2,6 +2,7 @@
 single-process run: text-to-image and image-to-image (editing), square and non-square, with and without glyph
 text, guidance on (two branches) and off. The AR stage runs on rank 0 only and every rank gets its tokens."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -500,3 +501,22 @@ def test_offload_is_bit_identical_to_resident_weights(tiny_glm_image, ranks, ar)
             assert not any(p.is_meta for p in model.transformer.parameters())
     finally:
         runner.close()
+
+
+def test_the_ar_samples_with_its_checkpoints_generation_config(tiny_glm_image, tmp_path):
+    """As from_pretrained: the folder's generation_config.json (sampling, suppressed tokens) wins over the defaults
+    a model built from its config gets; the real checkpoint's sampling settings live there."""
+    from transformers import GenerationConfig, GlmImageForConditionalGeneration
+
+    from comfyui_parallel_diffusion.models import loading
+
+    folder = tmp_path / "GLM-Image"
+    shutil.copytree(tiny_glm_image, folder)
+    settings = folder / "vision_language_encoder" / "generation_config.json"
+    settings.write_text(json.dumps({**json.loads(settings.read_text()), "temperature": 0.7, "top_k": 7,
+                                    "suppress_tokens": [1, 2, 3]}))
+    loaded = loading.load_component(folder, "vision_language_encoder", torch.float32, "cpu").generation_config
+    reference = GlmImageForConditionalGeneration.from_pretrained(folder / "vision_language_encoder").generation_config
+    assert (loaded.temperature, loaded.top_k, loaded.suppress_tokens) == (0.7, 7, [1, 2, 3])
+    assert loaded.to_diff_dict() == reference.to_diff_dict() == GenerationConfig.from_pretrained(
+        folder / "vision_language_encoder").to_diff_dict()
