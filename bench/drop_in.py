@@ -7,10 +7,15 @@ request for the whole loop (our Z-Image Denoise node), on the same model, size, 
 Both run the DiT the same number of times on the same inputs. "denoise": the zimage.denoise stage (the loop in the
 workers). "per_step": models/zimage/comfyui_model.DiTClient's zimage.predict once per step, with ComfyUI's Euler
 update (k-diffusion's sample_euler: x += (x - denoised) / sigma * (next sigma - sigma)) on the host between calls,
-as KSampler with euler runs it; ComfyUI's own Python around each call (its sampler, cond batching) is not included
-(no ComfyUI on the benchmark machines). Runners: "local" (in the host process, what 1 GPU uses) and "group" (a
-worker group of the given size: the request, its tensors and the reply cross processes as with several GPUs).
-The two run in turn, each figure the median of --repeats after --warmup; overhead_per_step_ms = (per_step - denoise) / steps.
+as KSampler with euler runs it. The host keeps the latents and the caption on --device, as ComfyUI keeps them on its
+GPU: done on the host's CPU, that update competed for the cores with the worker's threads and cost up to 38 ms a step
+on a 16-core H200 host, which ComfyUI never pays. ComfyUI's own Python around each call (its sampler, cond batching)
+is not included (no ComfyUI on the benchmark machines). Runners: "local" (in the host process, what 1 GPU uses) and
+"group" (a worker group of the given size: the request, its tensors and the reply cross processes as with several
+GPUs). The two run in turn, each figure the median of --repeats after --warmup;
+overhead_per_step_ms = (per_step - denoise) / steps, and the host's share of a step is split into
+sampler_ms (the Euler update), client_ms (DiTClient deciding what to send) and request_ms (the request's round trip,
+the DiT call included).
 """
 from __future__ import annotations
 
@@ -45,20 +50,43 @@ def runners(args, dtype):
             yield kind, WorkerGroup(Layout.for_world(gpus), args.device, dtype, **denoise_bench.PLUGIN)
 
 
-def per_step(runner, latents, caption, steps) -> torch.Tensor:
-    """The sampler loop on the host: one zimage.predict per step, Euler between them."""
-    client = DiTClient(lambda stage, inputs: runner.run(stage, "bench", inputs))
+def per_step(runner, latents, caption, steps, split: dict[str, float] | None = None) -> torch.Tensor:
+    """The sampler loop on the host: one zimage.predict per step, Euler between them. `split` (if given) gets the
+    seconds spent in each part of the host's loop (see the module's docstring)."""
+    split = {} if split is None else split
+    split.update(sampler_ms=0.0, client_ms=0.0, request_ms=0.0)
+
+    def run(stage, inputs):
+        started = time.perf_counter()
+        result = runner.run(stage, "bench", inputs)
+        split["request_ms"] += time.perf_counter() - started
+        return result
+
+    client = DiTClient(run)
     # the sigmas the denoise stage runs: random_models' Z-Image keeps the tiny model's scheduler config
     scheduler, timesteps = _scheduler(SimpleNamespace(scheduler_config=zimage_tiny.SCHEDULER_CONFIG), latents, steps,
                                       1.0)
-    sigmas = scheduler.sigmas
-    x = latents
+    sigmas = scheduler.sigmas.to(caption.device)
+    x = latents.to(caption.device)
     for i in range(len(timesteps)):
+        started = time.perf_counter()
         sigma = sigmas[i].reshape(1).expand(x.shape[0])
         (out,) = client.predict(x, sigma, [[caption] * x.shape[0]], [])
-        denoised = x - out * sigmas[i]
+        called = time.perf_counter()
+        denoised = x - out.to(x) * sigmas[i]
         x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
-    return x
+        _synchronize(x)
+        split["sampler_ms"] += time.perf_counter() - called
+        split["client_ms"] += called - started
+    split["client_ms"] -= split["request_ms"]
+    for part in split:
+        split[part] *= 1e3 / steps
+    return x.cpu()
+
+
+def _synchronize(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def alternating(fns, warmup: int, repeats: int) -> list[tuple[float, list[float], object]]:
@@ -88,7 +116,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     cap_dim = random_models.SCALES[args.scale]["dit"]["cap_feat_dim"]
-    caption = torch.randn(args.caption_tokens, cap_dim, generator=torch.Generator().manual_seed(0))
+    caption = torch.randn(args.caption_tokens, cap_dim, generator=torch.Generator().manual_seed(0)).to(args.device)
     results = []
     for kind, runner in runners(args, dtype):
         try:
@@ -99,12 +127,14 @@ def main(argv=None) -> None:
                                                                  "seed": 0})
                 stage_inputs = {"latents": latents, "prompt_embeds": [caption], "negative_prompt_embeds": [],
                                 "steps": args.steps, "guidance": 0.0}
+                split: dict[str, float] = {}
                 (loop_s, loop_runs, loop_out), (step_s, step_runs, step_out) = alternating(
                     [lambda: runner.run("zimage.denoise", "bench", stage_inputs),
-                     lambda: per_step(runner, latents, caption, args.steps)], args.warmup, args.repeats)
+                     lambda: per_step(runner, latents, caption, args.steps, split)], args.warmup, args.repeats)
                 row = {"runner": kind, "height": height, "width": width, "steps": args.steps,
                        "denoise_s": loop_s, "per_step_s": step_s, "ratio": step_s / loop_s,
                        "overhead_per_step_ms": (step_s - loop_s) / args.steps * 1e3,
+                       "host_split_last_run_ms_per_step": split,
                        "denoise_runs_s": loop_runs, "per_step_runs_s": step_runs,
                        "latents_max_abs_diff": (step_out.float() - loop_out.float()).abs().max().item()}
                 results.append(row)

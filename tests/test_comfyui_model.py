@@ -171,6 +171,14 @@ def test_captions_are_sent_once_and_a_lost_state_is_sent_again(dit_file):
     second = client.predict(x, sigma, [cond, uncond], [])
     assert len(sent[0]["captions"]) == 2 and sent[1]["captions"] == {}
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    cond[0].mul_(2)  # the host changes its tensor in place: a new caption, which must travel
+    changed = client.predict(x, sigma, [cond, uncond], [])
+    assert list(sent[2]["captions"]) == [2] and torch.equal(sent[2]["captions"][2], cond[0])
+    assert not torch.equal(changed[0], first[0])
+    cond[0].div_(2)
+    client.predict(x, sigma, [cond, uncond], [])
+    assert sent[3]["captions"] == {}  # the original is still known
+    sent[:] = sent[:2]
     runner.unload("dit")  # the workers' model and state gone, as after a group restart
     runner.load("dit", "zimage_dit", transformer=dit_file)
     again = client.predict(x, sigma, [cond, uncond], [])

@@ -161,7 +161,9 @@ class DiTClient:
     def _forget(self) -> None:
         self.session = uuid.uuid4().hex
         self._reset = True
-        self._captions: list[tuple[int, torch.Tensor]] = []  # (key, the host's tensor), most recent last
+        # (key, a copy of the host's tensor on its own device), most recent last: a caption is compared where it
+        # is, since copying it to the CPU each step to compare it there would wait on the GPU every time
+        self._captions: list[tuple[int, torch.Tensor]] = []
         self._next_key = 0
         self._lora: tuple | None = None  # the factors sent: ((layer, patch index, up, down)...) by identity
         self._scales: dict[str, list[float]] | None = None
@@ -180,7 +182,7 @@ class DiTClient:
 
     def _request(self, x, timestep, branches, lora) -> dict[str, Any]:
         new: dict[int, torch.Tensor] = {}
-        keys = [[self._caption_key(c.detach().float().cpu(), new) for c in branch] for branch in branches]
+        keys = [[self._caption_key(c.detach(), new) for c in branch] for branch in branches]
         used = {key for branch in keys for key in branch}
         drop = [key for key, _ in self._captions if key not in used][:max(0, len(self._captions) - MAX_CAPTIONS)]
         self._captions = [(key, c) for key, c in self._captions if key not in drop]
@@ -191,14 +193,15 @@ class DiTClient:
 
     def _caption_key(self, caption: torch.Tensor, new: dict[int, torch.Tensor]) -> int:
         for i, (key, known) in enumerate(self._captions):
-            if known.shape == caption.shape and torch.equal(known, caption):
+            if (known.device, known.dtype, known.shape) == (caption.device, caption.dtype, caption.shape) and \
+                    torch.equal(known, caption):
                 self._captions.append(self._captions.pop(i))  # most recently used last
                 if self._reset:
-                    new[key] = known
+                    new[key] = known.float().cpu()
                 return key
         key, self._next_key = self._next_key, self._next_key + 1
-        self._captions.append((key, caption))
-        new[key] = caption
+        self._captions.append((key, caption.clone()))  # a copy: the host may change its tensor in place later
+        new[key] = caption.float().cpu()
         return key
 
     def _lora_update(self, patches: list[LoRAPatch]):
