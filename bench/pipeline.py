@@ -123,6 +123,7 @@ class GlmImageBench:
         from diffusers import FlowMatchEulerDiscreteScheduler, GlmImagePipeline
 
         modules = random_models.glm_image_modules(self.args.scale, device, dtype)
+        del modules["vae_config"]  # the pipeline reads it from its VAE
         ar_model, processor = random_models.glm_image_ar(self.args.scale, device, dtype)
         return GlmImagePipeline(vision_language_encoder=ar_model, processor=processor,
                                 scheduler=FlowMatchEulerDiscreteScheduler(**random_models.GLM_SCHEDULER), **modules)

@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, GlmImageTransformer2DModel, ZImageTransform
 from transformers import ByT5Tokenizer, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 
 from comfyui_parallel_diffusion import models
+from comfyui_parallel_diffusion.models import weights
 from comfyui_parallel_diffusion.models.cuda_graph import GraphedCall
 from comfyui_parallel_diffusion.models.glm_image import ar_decode
 from comfyui_parallel_diffusion.models.glm_image import tiny as glm_tiny
@@ -94,17 +95,19 @@ def zimage_modules(scale: str, device, dtype: torch.dtype, *, vae: bool = True, 
     return out
 
 
-def glm_image_modules(scale: str, device, dtype: torch.dtype) -> dict:
-    """The random GLM-Image DiT (seed 0), glyph encoder (seed 1) with ByT5's tokenizer, and VAE (seed 2)."""
+def glm_image_modules(scale: str, device, dtype: torch.dtype, main: bool = True) -> dict:
+    """The random GLM-Image DiT (seed 0) and, where `main` (rank 0, as models/glm_image loads), the glyph encoder
+    (seed 1) with ByT5's tokenizer and the VAE (seed 2); the VAE's config everywhere."""
     shapes, at = SCALES[scale], _place(device, dtype)
-    tokenizer = ByT5Tokenizer()
-    return {
-        "transformer": random_module(GlmImageTransformer2DModel, shapes["glm_dit"], at, seed=0),
-        "text_encoder": random_module(lambda **c: T5EncoderModel(T5Config(vocab_size=len(tokenizer), **c)),
-                                      shapes["glyph"], at, seed=1),
-        "tokenizer": tokenizer,
-        "vae": random_module(AutoencoderKL, shapes["glm_vae"], at, seed=2),
-    }
+    modules = {"transformer": random_module(GlmImageTransformer2DModel, shapes["glm_dit"], at, seed=0),
+               "text_encoder": None, "tokenizer": None, "vae": None,
+               "vae_config": weights.empty_model(lambda: AutoencoderKL(**shapes["glm_vae"])).config}
+    if main:
+        tokenizer = ByT5Tokenizer()
+        modules.update(text_encoder=random_module(lambda **c: T5EncoderModel(T5Config(vocab_size=len(tokenizer), **c)),
+                                                  shapes["glyph"], at, seed=1),
+                       tokenizer=tokenizer, vae=random_module(AutoencoderKL, shapes["glm_vae"], at, seed=2))
+    return modules
 
 
 def glm_image_ar(scale: str, device, dtype: torch.dtype):
@@ -149,7 +152,7 @@ def load_zimage_pipeline(ctx, *, scale: str) -> ZImage:
 
 def load_glm_image(ctx, *, scale: str) -> GlmImage:
     """The DiT, glyph encoder and VAE that prepare/denoise/decode use; the AR model is benchmarked in bench/ar.py."""
-    modules = glm_image_modules(scale, ctx.device, ctx.dtype)
+    modules = glm_image_modules(scale, ctx.device, ctx.dtype, ctx.is_main)
     glm_model.setup_transformer(ctx, modules["transformer"])
     return GlmImage(**modules, scheduler_config=dict(GLM_SCHEDULER))
 

@@ -14,7 +14,8 @@ GPU count, as offload=auto and ar=auto place it on CUDA).
 
 Per rank and GPU count, for offload resident and offload (a rank whose stages take turns holds the larger of the
 modules that alternate, besides those always there): Z-Image's rank 0 holds the DiT, text encoder and VAE, the
-others the DiT; GLM-Image's every rank the DiT, glyph encoder and VAE, ranks 0..n-1 their AR share.
+others the DiT; GLM-Image's rank 0 the DiT, glyph encoder and VAE, the others the DiT, ranks 0..n-1 their AR
+share.
 """
 from __future__ import annotations
 
@@ -114,11 +115,11 @@ def glm_image() -> dict:
         n = plan.largest_ar_split(config.text_config, gpus)
         shares[n] = shares.get(n) or decoder_share(n)
         for dtype in ("bf16", "fp8"):
-            always = t5[dtype] + vae[dtype]
+            main = t5[dtype] + vae[dtype]  # rank 0 only, which is an AR rank
             table.append({"gpus": gpus, "ar_ranks": n, "weight_dtype": dtype,
-                          "ar_ranks_gb": {"resident": round((dit[dtype] + shares[n][dtype] + always) / GB, 2),
-                                          "offload": round((max(dit[dtype], shares[n][dtype]) + always) / GB, 2)},
-                          "other_ranks_gb": round((dit[dtype] + always) / GB, 2) if gpus > n else None})
+                          "ar_ranks_gb": {"resident": round((dit[dtype] + shares[n][dtype] + main) / GB, 2),
+                                          "offload": round((max(dit[dtype], shares[n][dtype]) + main) / GB, 2)},
+                          "other_ranks_gb": round(dit[dtype] / GB, 2) if gpus > n else None})
     whole = decoder_share(1)
     return {"components": {"transformer": dit, "glyph_text_encoder": t5, "vae": vae,
                            "ar_text_decoder_and_head": {"bf16": whole["bf16"], "fp8": whole["fp8"]}},

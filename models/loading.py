@@ -79,6 +79,15 @@ def load_component(path, name: str, dtype: torch.dtype | None = None, device=Non
     return model
 
 
+def model_config(path, name: str):
+    """A diffusers model component's config as the loaded model carries it (defaults filled in), without reading
+    its weights: for ranks that need a model's settings but not the model."""
+    root = Path(path)
+    library, class_name = _components(_read_index(root))[name]
+    cls = _resolve_class(root, name, library, class_name)
+    return weights.empty_model(lambda: cls.from_config(cls.load_config(root / name))).config
+
+
 def load_diffusers_model(cls, config: dict, files: list[Path], dtype: torch.dtype, device: torch.device, *,
                          source: str, tensors=None):
     """A diffusers model built on the meta device from `config` and filled from `files` (models/weights.py),

@@ -53,7 +53,7 @@ def test_zimage_denoising_call_replayed_equals_eager(tiny_zimage):
 
 def test_glm_image_denoising_calls_replayed_equal_eager(tiny_glm_image):
     transformer = loading.load_component(tiny_glm_image, "transformer", torch.float32, "cuda")
-    model = glm_model.GlmImage(transformer, None, None, None, {})
+    model = glm_model.GlmImage(transformer, None, None, None, None, {})
     config = transformer.config
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, config.in_channels, 8, 12, generator=gen).cuda()

@@ -87,7 +87,7 @@ def denoise(ctx: StageContext, model: GlmImage, *, latents: torch.Tensor, prior_
     if latent_space == latent_format.VAE:
         # Computed in the VAE's dtype as diffusers does before decoding; float32 holds those values exactly, so
         # decoding them equals decoding diffusers' latents
-        latents = latent_format.to_vae(latents.to(model.vae.dtype), model.vae.config).float()
+        latents = latent_format.to_vae(latents.to(ctx.dtype), model.vae_config).float()  # ctx.dtype: the VAE's
     return latents.cpu()
 
 

@@ -38,9 +38,10 @@ WORKING_MEMORY = 4 * offloading.GiB
 @dataclass
 class GlmImage:
     transformer: Any  # GlmImageTransformer2DModel, with the SP plan installed when sp > 1
-    text_encoder: Any  # T5EncoderModel (glyph encoder)
-    tokenizer: Any  # ByT5Tokenizer
-    vae: Any  # AutoencoderKL: every rank encodes condition images in prepare; rank 0 decodes
+    text_encoder: Any  # T5EncoderModel (glyph encoder): rank 0 only
+    tokenizer: Any  # ByT5Tokenizer: rank 0 only
+    vae: Any  # AutoencoderKL: rank 0 only, which encodes the condition images (prepare) and decodes
+    vae_config: Any  # the VAE's config on every rank: the denoising loop's latent scale and statistics
     scheduler_config: dict
     vision_language_encoder: Any = None  # GlmImageForConditionalGeneration: rank 0, or every rank's shard
     processor: Any = None  # GlmImageProcessor, where the AR runs
@@ -57,12 +58,13 @@ class GlmImage:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae_config.block_out_channels) - 1)
 
 
 def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto", weight_dtype: str = "default"
          ) -> GlmImage:
-    """Every rank loads the DiT, the glyph encoder and the VAE. The AR model and processor, as ar_placement
+    """Every rank loads the DiT; rank 0 also the glyph encoder and the VAE (prepare and decode run there). The AR
+    model and processor, as ar_placement
     decides for `ar` (one of AR_PLACEMENTS): on ranks 0..n-1, its decoder sharded over them, or on rank 0 alone;
     there, as `offload` (offload.MODES) decides, beside the DiT or in turns with it (add_ar). weight_dtype
     (fp8.WEIGHT_DTYPES): how the DiT's and the AR decoder's Linear weights are stored.
@@ -77,11 +79,14 @@ def load(ctx: StageContext, path: str, ar: str = "auto", offload: str = "auto", 
         raise loading.ModelFolderError(f"{path}: a stochastic-sampling scheduler is not supported")
     transformer = loading.load_component(path, "transformer", dtype, dev).eval()
     setup_transformer(ctx, transformer, weight_dtype)
+    main = ctx.is_main
+    vae = loading.load_component(path, "vae", dtype, dev).eval() if main else None
     model = GlmImage(
         transformer=transformer,
-        text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval(),
-        tokenizer=loading.load_component(path, "tokenizer"),
-        vae=loading.load_component(path, "vae", dtype, dev).eval(),
+        text_encoder=loading.load_component(path, "text_encoder", dtype, dev).eval() if main else None,
+        tokenizer=loading.load_component(path, "tokenizer") if main else None,
+        vae=vae,
+        vae_config=vae.config if main else loading.model_config(path, "vae"),
         scheduler_config=scheduler_config,
     )
     model.ar_tensor_parallel = ar_ranks > 1

@@ -20,8 +20,9 @@ MAX_SEQUENCE_LENGTH = 2048  # diffusers' default for the glyph encoder
 @torch.no_grad()
 def prepare(ctx: StageContext, model: GlmImage, *, prompt: str | list[str], height: int, width: int, seed: int,
             negative_prompt: str | list[str] | None = None, images: list | None = None) -> dict[str, Any]:
-    """Everything the denoising loop takes besides the prior tokens and the step count, computed identically on
-    every rank. Independent of steps and guidance, so changing those reruns the denoising only."""
+    """Everything the denoising loop takes besides the prior tokens and the step count, on rank 0, which alone holds
+    the glyph encoder and the VAE; the host sends it to every rank with the denoise request. Independent of steps
+    and guidance, so changing those reruns the denoising only."""
     check_size(height, width)
     prompts = prompt_list(prompt)
     batch, dev, dtype = len(prompts), ctx.device, ctx.dtype

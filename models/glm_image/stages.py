@@ -8,9 +8,10 @@ reference tests hold it to that), and declares which ranks run it (parallel.Para
                                                         splits over; plan.py shards it at load time) and sample in
                                                         step, rank 0 deciding each token; else rank 0 alone holds
                                                         it. Every rank gets the tokens.
-- glm_image.prepare  EVERY_RANK                         glyph embeddings, seeded noise, size
-                                                        conditioning and the condition-image latents: cheap and
-                                                        deterministic, so every rank computes the same.
+- glm_image.prepare  MAIN_RANK_ONLY                     glyph embeddings, seeded noise, size conditioning and the
+                                                        condition-image latents, on rank 0, which alone holds the
+                                                        glyph encoder and the VAE; the host sends them on with the
+                                                        denoise request.
 - glm_image.denoise  EVERY_RANK                         the DiT loop: its blocks sharded over the sequence by the
                                                         hooks plan.py installs at load time, guidance branches split
                                                         by parallel.cfg.run_branches; every rank ends with the
@@ -36,7 +37,7 @@ from .prepare import prepare
 LOADER = Loader("glm_image", load)
 STAGES = [
     Stage("glm_image.ar", ar_parallelism, ar),
-    Stage("glm_image.prepare", Parallelism.EVERY_RANK, prepare),
+    Stage("glm_image.prepare", Parallelism.MAIN_RANK_ONLY, prepare),
     Stage("glm_image.denoise", Parallelism.EVERY_RANK, denoise),
     Stage("glm_image.decode", Parallelism.MAIN_RANK_ONLY, decode),
 ]
