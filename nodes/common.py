@@ -78,8 +78,8 @@ class LoaderBase:
 
 
 class DecodeBase:
-    """A decode node: latents -> IMAGE through the model's decode stage, on the group's first GPU."""
-    STAGE = ""  # "zimage.decode" / "glm_image.decode"
+    """A decode node: latents -> IMAGE through the model's decode step, on the group's first GPU; each model's
+    node defines decode(model, latent)."""
     MODEL_INPUT: tuple = ()
     LATENT_SOURCE = ""  # the node whose latents it takes, for the tooltip
     FUNCTION = "decode"
@@ -93,9 +93,6 @@ class DecodeBase:
             "model": cls.MODEL_INPUT,
             "latent": ("LATENT", {"tooltip": f"Latents from '{cls.LATENT_SOURCE}'."}),
         }}
-
-    def decode(self, model: runtime.ModelHandle, latent: dict):
-        return (runtime.run_stage(model, self.STAGE, {"latents": latent["samples"]}),)
 
 
 def validation(check, **values) -> bool | str:

@@ -117,10 +117,9 @@ class GlmImageAR:
         with runtime.user_errors():  # checked here, before anything is sent to the group
             check_inputs(prompts=[prompt], height=height, width=width, seed=seed)
             as_pil_images(condition)
-        request = {"prompt": [prompt], "height": height, "width": width, "seed": seed, "images": condition}
-        out = runtime.run_stage(model, "glm_image.ar", request, node_id=unique_id)
-        return ({"model": model.key, **request, "prior_token_ids": out["prior_token_ids"],
-                 "condition_prior_token_ids": out["condition_prior_token_ids"]},)
+        request = {"prompts": [prompt], "height": height, "width": width, "seed": seed, "images": condition}
+        prior = glm_image.sample_prior(runtime.stage_runner(model, unique_id), **request)
+        return ({"model": model.key, "request": request, **prior},)
 
 
 class GlmImagePrepare:
@@ -130,9 +129,9 @@ class GlmImagePrepare:
     RETURN_NAMES = ("prepared",)
     OUTPUT_TOOLTIPS = ("Glyph embeddings, seeded noise, size conditioning and condition-image latents, with the prior "
                        "tokens, for 'GLM-Image Denoise (parallel)'.",)
-    DESCRIPTION = ("Before denoising, on every GPU: the prompt's quoted glyph texts through the glyph encoder, the "
-                   "seeded noise (the AR node's seed), the size conditioning and, for editing, the condition "
-                   "images' latents.")
+    DESCRIPTION = ("Before denoising, on the first GPU of the group: the prompt's quoted glyph texts through the "
+                   "glyph encoder, the seeded noise (the AR node's seed), the size conditioning and, for editing, "
+                   "the condition images' latents.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -143,10 +142,9 @@ class GlmImagePrepare:
 
     def prepare(self, model: runtime.ModelHandle, prior: dict):
         check_same_model(model, prior, "prior")
-        request = {name: prior[name] for name in ("prompt", "height", "width", "seed", "images")}
-        prepared = runtime.run_stage(model, "glm_image.prepare", request)
-        return ({"model": model.key, "request": request, "prior_token_ids": prior["prior_token_ids"],
-                 "condition_prior_token_ids": prior["condition_prior_token_ids"], **prepared},)
+        prepared = glm_image.prepare(runtime.stage_runner(model), **prior["request"])
+        tokens = {name: prior[name] for name in glm_image.PRIOR}
+        return ({"model": model.key, "request": prior["request"], "prior": tokens, "inputs": prepared},)
 
 
 class GlmImageDenoise:
@@ -178,25 +176,25 @@ class GlmImageDenoise:
     def denoise(self, model: runtime.ModelHandle, prepared: dict, steps: int, guidance: float, unique_id=None):
         check_same_model(model, prepared, "preparation")
         with runtime.user_errors():  # checked here: a refusal inside the workers would cost a restart
-            glm_image.check_request(model.layout, **prepared["request"], steps=steps, guidance=guidance)
-        inputs = {k: v for k, v in prepared.items() if k not in ("model", "request")}
-        latents = runtime.run_stage(model, "glm_image.denoise", {**inputs, "steps": steps, "guidance": guidance,
-                                                                 "latent_space": latent_format.VAE},
-                                    node_id=unique_id)
+            request = prepared["request"]
+            glm_image.check_request(model.layout, prompt=request["prompts"], height=request["height"],
+                                    width=request["width"], seed=request["seed"], images=request["images"],
+                                    steps=steps, guidance=guidance)
+        run = runtime.stage_runner(model, unique_id)
+        latents = glm_image.denoise(run, prepared["inputs"], prepared["prior"], steps=steps, guidance=guidance,
+                                    latent_space=latent_format.VAE)
         return ({"samples": latents},)
 
 
 class GlmImageDecode(DecodeBase):
     CATEGORY = CATEGORY
-    STAGE = "glm_image.decode"
     MODEL_INPUT = MODEL_INPUT
     LATENT_SOURCE = "GLM-Image Denoise (parallel)"
     DESCRIPTION = "Decodes GLM-Image latents with the model's VAE, on the first GPU of the group."
 
     def decode(self, model: runtime.ModelHandle, latent: dict):
         # LATENT["samples"] is in the VAE's space (ComfyUI's convention), as the denoise node puts it out
-        return (runtime.run_stage(model, self.STAGE, {"latents": latent["samples"],
-                                                      "latent_space": latent_format.VAE}),)
+        return (glm_image.decode(runtime.stage_runner(model), latent["samples"], latent_format.VAE),)
 
 
 NODE_CLASS_MAPPINGS = {

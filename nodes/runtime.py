@@ -136,6 +136,11 @@ def run_stage(handle: ModelHandle, stage: str, inputs: dict[str, Any], node_id: 
         raise mm.InterruptProcessingException() from None
 
 
+def stage_runner(handle: ModelHandle, node_id: str | None = None) -> Callable[[str, dict[str, Any]], Any]:
+    """run(stage, inputs) for a model pipeline's steps (models/*/pipeline.py), as run_stage runs them for a node."""
+    return lambda stage, inputs: run_stage(handle, stage, inputs, node_id)
+
+
 @contextlib.contextmanager
 def user_errors(context: str | None = None, any_error: bool = False):
     """Turn the runtime's refusals into ParallelDiffusionError with a readable message: no worker traceback (the

@@ -91,7 +91,7 @@ class ZImageTextEncode:
         }}
 
     def encode(self, model: runtime.ModelHandle, prompt: str, negative_prompt: str):
-        out = runtime.run_stage(model, "zimage.encode", {"prompts": [prompt], "negative_prompts": [negative_prompt]})
+        out = zimage.encode_prompt(runtime.stage_runner(model), [prompt], [negative_prompt])
         return ({"model": model.key, **out},)
 
 
@@ -165,20 +165,16 @@ class ZImageDenoise:
             check_inputs(height=height, width=width)
             model.layout.check_branches(2 if guidance > 0 else 1)
             factors = lora_factors(lora.handle_patches(model)) if model.loras else None
-        latents = runtime.run_stage(model, "zimage.prepare",
-                                    {"batch": batch_size, "height": height, "width": width, "seed": seed,
-                                     "init_latents": init_latents, "strength": denoise, "steps": steps})
+        run = runtime.stage_runner(model, unique_id)
+        latents = zimage.prepare_latents(run, batch=batch_size, height=height, width=width, seed=seed, steps=steps,
+                                         init_latents=init_latents, strength=denoise)
         embeds = {name: conditioning[name] * batch_size for name in ("prompt_embeds", "negative_prompt_embeds")}
-        latents = runtime.run_stage(model, "zimage.denoise",
-                                    {"latents": latents, "steps": steps, "guidance": guidance, "strength": denoise,
-                                     "lora": factors, **embeds},
-                                    node_id=unique_id)
+        latents = zimage.denoise(run, latents, embeds, steps=steps, guidance=guidance, strength=denoise, lora=factors)
         return ({"samples": latent_format.to_comfy(latents)},)
 
 
 class ZImageDecode(DecodeBase):
     CATEGORY = CATEGORY
-    STAGE = "zimage.decode"
     MODEL_INPUT = MODEL_INPUT
     LATENT_SOURCE = "Z-Image Denoise (parallel)"
     DESCRIPTION = ("Decodes Z-Image latents with the model's VAE, on the first GPU of the group. Takes ComfyUI's "
@@ -188,7 +184,7 @@ class ZImageDecode(DecodeBase):
         with runtime.user_errors():
             check_latent_shape(latent["samples"])
         # the decode stage takes diffusers' latents
-        return (runtime.run_stage(model, self.STAGE, {"latents": latent_format.from_comfy(latent["samples"])}),)
+        return (zimage.decode(runtime.stage_runner(model), latent_format.from_comfy(latent["samples"])),)
 
 
 NODE_CLASS_MAPPINGS = {
