@@ -1,7 +1,8 @@
 """End-to-end harness: a real ComfyUI server with this extension installed, driven over HTTP and a websocket.
 
-Standard library only: the tests run under the repository's Python, which has neither aiohttp nor websocket-client;
-the server runs under ComfyUI's own venv ($COMFYUI_HOME/venv, built by shared/comfyui-host/setup.sh).
+The tests run under the repository's Python; the server runs under ComfyUI's own venv ($COMFYUI_HOME/venv, built by
+shared/comfyui-host/setup.sh). The event stream is read with websocket-client (the `test` extra): a maintained
+client, so framing, pings and closes are not ours to get right.
 
     server = ComfyUIServer(home, workdir).start()
     prompt_id = server.queue(api_prompt)            # POST /prompt; raises PromptRejected on validation errors
@@ -15,12 +16,12 @@ writes (output, input, temp, user, database) goes to `workdir`, and `diffusers` 
 the test-only nodes (TEST_NODES: tests/comfyui_test_nodes.py) are linked.
 
 `workflow_to_api` converts a UI-format workflow (what the frontend saves, and what example_workflows/ holds) into
-the API format that POST /prompt takes; ComfyUI has no server-side converter.
+the API format that POST /prompt takes; ComfyUI has no server-side converter. It mirrors what the frontend saves, so
+ComfyUIServer.workflow_to_api refuses a host whose comfyui_frontend_package is outside FRONTEND_CHECKED.
 """
 from __future__ import annotations
 
-import base64
-import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -28,7 +29,6 @@ import shlex
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import threading
 import time
@@ -38,6 +38,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
+
+import websocket  # websocket-client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLIT_FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")  # ComfyUI's folders of single model files
@@ -89,104 +91,6 @@ def free_loopback_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A minimal websocket client (RFC 6455): enough to read ComfyUI's event stream.
-
-class _WebSocket:
-    _GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-    def __init__(self, host: str, port: int, path: str, timeout: float = 10.0):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-                           ).encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                raise ConnectionError("websocket handshake: connection closed")
-            head += chunk
-        head, self._buf = head.split(b"\r\n\r\n", 1)
-        lines = head.decode("latin-1").split("\r\n")
-        if " 101 " not in lines[0] + " ":
-            raise ConnectionError(f"websocket handshake refused: {lines[0]}")
-        accept = base64.b64encode(hashlib.sha1((key + self._GUID).encode()).digest()).decode()
-        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-        if headers.get("sec-websocket-accept") != accept:
-            raise ConnectionError("websocket handshake: bad Sec-WebSocket-Accept")
-        self.sock.settimeout(None)
-        self._send_lock = threading.Lock()
-
-    def _read(self, n: int) -> bytes:
-        while len(self._buf) < n:
-            chunk = self.sock.recv(max(65536, n - len(self._buf)))
-            if not chunk:
-                raise ConnectionError("websocket closed")
-            self._buf += chunk
-        out, self._buf = self._buf[:n], self._buf[n:]
-        return out
-
-    def _frame(self) -> tuple[bool, int, bytes]:
-        b0, b1 = self._read(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack(">H", self._read(2))[0]
-        elif n == 127:
-            n = struct.unpack(">Q", self._read(8))[0]
-        mask = self._read(4) if b1 & 0x80 else None
-        payload = self._read(n)
-        if mask:
-            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(payload))
-        return bool(b0 & 0x80), b0 & 0x0F, payload
-
-    def send(self, opcode: int, payload: bytes = b"") -> None:
-        n = len(payload)
-        head = bytes([0x80 | opcode])
-        if n < 126:
-            head += bytes([0x80 | n])
-        elif n < 65536:
-            head += bytes([0x80 | 126]) + struct.pack(">H", n)
-        else:
-            head += bytes([0x80 | 127]) + struct.pack(">Q", n)
-        mask = os.urandom(4)
-        with self._send_lock:
-            self.sock.sendall(head + mask + bytes(c ^ mask[i % 4] for i, c in enumerate(payload)))
-
-    def recv(self) -> tuple[int, bytes] | None:
-        """The next data message as (opcode, payload): 1 text, 2 binary; None once the server closes."""
-        opcode, parts = None, []
-        while True:
-            fin, op, payload = self._frame()
-            if op == 0x8:  # close
-                try:
-                    self.send(0x8, payload[:2])
-                except OSError:
-                    pass
-                return None
-            if op == 0x9:  # ping
-                self.send(0xA, payload)
-                continue
-            if op == 0xA:  # pong
-                continue
-            if op != 0:
-                opcode = op
-            parts.append(payload)
-            if fin:
-                return opcode, b"".join(parts)
-
-    def close(self) -> None:
-        try:
-            self.send(0x8, struct.pack(">H", 1000))
-        except OSError:
-            pass
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 class ComfyUIServer:
     """One ComfyUI server process on a free loopback port, isolated in `workdir`."""
@@ -227,12 +131,14 @@ class ComfyUIServer:
         self.node_link: Path | None = None
         self.startup_seconds: float | None = None
         self.leftover_pids: list[int] = []  # processes of the server's group still alive after it exited
-        self._ws: _WebSocket | None = None
+        self._ws: websocket.WebSocket | None = None
+        self._ws_stop = threading.Event()
         self._ws_thread: threading.Thread | None = None
         self._events: list[dict] = []
         self._cond = threading.Condition()
         self._ws_open = False
         self._info_cache: dict[str, dict | None] = {}
+        self._frontend_checked = False
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     @property
@@ -302,7 +208,9 @@ class ComfyUIServer:
         return self
 
     def _connect_ws(self) -> None:
-        self._ws = _WebSocket("127.0.0.1", self.port, f"/ws?clientId={self.client_id}")
+        self._ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=10)
+        self._ws.settimeout(0.5)  # how often the reader looks at _ws_stop
+        self._ws_stop.clear()
         self._ws_open = True
         self._ws_thread = threading.Thread(target=self._read_ws, name="comfyui-ws", daemon=True)
         self._ws_thread.start()
@@ -310,12 +218,14 @@ class ComfyUIServer:
     def _read_ws(self) -> None:
         ws = self._ws
         try:
-            while True:
-                msg = ws.recv()
-                if msg is None:
+            while not self._ws_stop.is_set():
+                try:
+                    opcode, payload = ws.recv_data()
+                except websocket.WebSocketTimeoutException:
+                    continue
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
                     break
-                opcode, payload = msg
-                if opcode == 1:
+                if opcode == websocket.ABNF.OPCODE_TEXT:
                     try:
                         event = json.loads(payload)
                     except ValueError:
@@ -326,9 +236,14 @@ class ComfyUIServer:
                 with self._cond:
                     self._events.append(event)
                     self._cond.notify_all()
-        except (OSError, ConnectionError, ValueError):
+        except (websocket.WebSocketException, OSError, ValueError):  # closed by the server, or a bad frame
             pass
         finally:
+            try:
+                ws.close(timeout=2)  # here, not in stop(): close() reads the server's reply, and this is the reader
+            except (websocket.WebSocketException, OSError):
+                pass
+            ws.shutdown()  # close() leaves the socket open once the server has closed first
             with self._cond:
                 self._ws_open = False
                 self._cond.notify_all()
@@ -340,7 +255,9 @@ class ComfyUIServer:
         """TERM the server, KILL it after `timeout`; then KILL whatever of its process group is left (workers that
         did not follow their parent), recording their pids in `leftover_pids`. Returns the server's exit code."""
         if self._ws is not None:
-            self._ws.close()
+            self._ws_stop.set()
+            if self._ws_thread is not None:
+                self._ws_thread.join(5)
             self._ws = None
         if self.proc is None:
             return None
@@ -525,7 +442,11 @@ class ComfyUIServer:
         return files
 
     def workflow_to_api(self, workflow: dict, strict: bool = True) -> dict:
-        """workflow_to_api() with this server's /object_info (fetched once per node type)."""
+        """workflow_to_api() with this server's /object_info (fetched once per node type), once check_frontend()
+        has accepted the host's frontend."""
+        if not self._frontend_checked:
+            check_frontend(self.home)
+            self._frontend_checked = True
         def info(name: str) -> dict | None:
             if name not in self._info_cache:
                 self._info_cache[name] = self.object_info(name)
@@ -552,7 +473,34 @@ def _group_members(pgid: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------
 # UI workflow -> API prompt
 
-# Input types the frontend (1.35) draws as widgets, each holding one entry of widgets_values.
+# The frontend releases [low, high) whose saved workflows this converter was checked against: another one may lay
+# out widgets_values differently, and a wrong mapping would still be a valid prompt, so the server refuses it.
+FRONTEND_PACKAGE = "comfyui_frontend_package"
+FRONTEND_CHECKED = ((1, 35), (1, 36))
+
+
+def frontend_version(home: Path | str) -> str | None:
+    """The version of the host venv's comfyui_frontend_package (what its ComfyUI serves), None if it has none."""
+    sites = sorted(str(p) for p in (Path(home) / "venv" / "lib").glob("python3*/site-packages"))
+    dists = list(importlib.metadata.distributions(name=FRONTEND_PACKAGE, path=sites))
+    return dists[0].version if dists else None
+
+
+def check_frontend(home: Path | str) -> str:
+    """frontend_version(home), or RuntimeError when it is missing or outside FRONTEND_CHECKED."""
+    version = frontend_version(home)
+    m = re.match(r"(\d+)\.(\d+)", version or "")
+    low, high = FRONTEND_CHECKED
+    if m is None or not low <= (int(m[1]), int(m[2])) < high:
+        checked = f">={'.'.join(map(str, low))},<{'.'.join(map(str, high))}"
+        raise RuntimeError(
+            f"{FRONTEND_PACKAGE} {version or 'is not installed'} in {home}/venv: workflow_to_api was checked against "
+            f"{checked} only; check its conversion against the installed frontend and widen "
+            f"FRONTEND_CHECKED (tests/comfyui_server.py), or queue API-format prompts")
+    return version
+
+
+# Input types the frontend draws as widgets (FRONTEND_CHECKED), each holding one entry of widgets_values.
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO", "MARKDOWN", "COLOR", "TEXTAREA", "IMAGECOMPARE",
                 "CHART", "GALLERIA"}
 MODE_ALWAYS, MODE_NEVER, MODE_BYPASS = 0, 2, 4
