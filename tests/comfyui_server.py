@@ -39,8 +39,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import websocket  # websocket-client
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SPLIT_FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")  # ComfyUI's folders of single model files
 NODE_FOLDER_NAME = "comfyui-parallel-diffusion"  # the name a `git clone` of the repository would give
@@ -131,7 +129,7 @@ class ComfyUIServer:
         self.node_link: Path | None = None
         self.startup_seconds: float | None = None
         self.leftover_pids: list[int] = []  # processes of the server's group still alive after it exited
-        self._ws: websocket.WebSocket | None = None
+        self._ws = None  # a websocket.WebSocket while connected
         self._ws_stop = threading.Event()
         self._ws_thread: threading.Thread | None = None
         self._events: list[dict] = []
@@ -208,6 +206,10 @@ class ComfyUIServer:
         return self
 
     def _connect_ws(self) -> None:
+        # imported here: the tests that never start a server need only the runtime's dependencies (the GPU
+        # machines' checks run without the test extra)
+        import websocket  # websocket-client
+
         self._ws = websocket.create_connection(f"ws://127.0.0.1:{self.port}/ws?clientId={self.client_id}", timeout=10)
         self._ws.settimeout(0.5)  # how often the reader looks at _ws_stop
         self._ws_stop.clear()
@@ -216,6 +218,8 @@ class ComfyUIServer:
         self._ws_thread.start()
 
     def _read_ws(self) -> None:
+        import websocket
+
         ws = self._ws
         try:
             while not self._ws_stop.is_set():
